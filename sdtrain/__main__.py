@@ -1,0 +1,3 @@
+from sdtrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,646 @@
+"""DoRA (and plain LoRA) layers wrapping nn.Linear and nn.Conv2d, in the kohya/LyCORIS layout.
+
+    W' = m · V / ‖V‖,   V = W0 + s·B·A,   s = alpha / rank
+
+`lora_down` holds A, `lora_up` holds B, `magnitude` holds m (fp32; one entry per output channel for
+axis "output", per input channel for axis "input"). ‖V‖ is never formed densely in the training
+forward: the per-channel squared norm comes from the low-rank identity
+
+    output axis: ‖V‖²_row = ‖W0‖²_row + 2s·rowdot(W0·Aᵀ, B) + s²·rowdot(B·(A·Aᵀ), B)
+    input axis:  ‖V‖²_col = ‖W0‖²_col + 2s·coldot(Bᵀ·W0, A) + s²·coldot((Bᵀ·B)·A, A)
+
+(conv weights flattened to [out, in·kh·kw]; the input axis sums the kh·kw columns of each input
+channel), computed in fp32 and clamped at 0; ‖V‖ = sqrt(‖V‖² + NORM_EPS). With c = m / ‖V‖:
+
+    output axis: y = c ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + bias
+    input axis:  y = (x ⊙ c)·W0ᵀ + s·((x ⊙ c)·Aᵀ)·Bᵀ + bias   (exact for convs: zero padding commutes)
+
+The strength-1 path runs in custom autograd Functions that keep what plain LoRA keeps (x and the
+rank-sized x·Aᵀ) plus, for the output axis, the layer output itself, from which the pre-scale
+activations are recovered in backward as (y − bias) / c; channels with |c| < _SMALL_SCALE are
+recomputed exactly instead. Temporaries are processed in row chunks so the peak stays near LoRA's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdtrain.errors import ConfigError
+
+__all__ = ["NORM_EPS", "AXES", "DoRAModule", "DoRALinear", "DoRAConv2d", "weight_norm", "weight_norm_squared"]
+
+AXES = ("output", "input")
+NORM_EPS = 1e-12  # added to the squared channel norm inside the square root
+_SMALL_SCALE = 1e-3  # |m/‖V‖| below this: recompute the pre-scale activations of that channel in backward
+_CHUNK_ELEMS = 1 << 18  # target size of per-chunk temporaries (elements)
+_MIN_CHUNK_ROWS = 256  # matmul chunks never get fewer rows than this (GEMM efficiency)
+
+
+# ---------------------------------------------------------------- dense helpers (export, verification, tests)
+
+
+def weight_norm_squared(weight: torch.Tensor, axis: str = "output") -> torch.Tensor:
+    """Dense per-channel squared L2 norm in fp32.
+
+    output: one value per output channel (row of [out, in], filter of [out, in, kh, kw]);
+    input: one value per input channel (column of [out, in], over out·kh·kw for a conv weight).
+    """
+    w = weight.to(torch.float32)
+    if axis == "output":
+        return w.reshape(w.shape[0], -1).square().sum(1)
+    if axis == "input":
+        return w.transpose(0, 1).reshape(w.shape[1], -1).square().sum(1)
+    raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+
+
+def weight_norm(weight: torch.Tensor, axis: str = "output") -> torch.Tensor:
+    """Dense per-channel L2 norm in fp32: [out] for axis "output", [in] for axis "input"."""
+    return weight_norm_squared(weight, axis).sqrt()
+
+
+def _channel_shape(axis: str, ndim: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector over a weight of `ndim` dims on `axis`."""
+    if axis == "output":
+        return (-1,) + (1,) * (ndim - 1)
+    return (1, -1) + (1,) * (ndim - 2)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in: the autocast dtype when autocast is on, else x's dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _row_slices(rows: int, width: int, min_rows: int = 1):
+    """Slices of `rows` so that each chunk holds about _CHUNK_ELEMS elements (at least `min_rows` rows)."""
+    step = max(min_rows, _CHUNK_ELEMS // max(width, 1), 1)
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _dot_rows(a: torch.Tensor, b: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """Σ over rows of a ⊙ (b − offset) for 2-D [rows, channels] tensors, fp32, in row chunks."""
+    total = torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
+    off = None if offset is None else offset.to(torch.float32)
+    for sl in _row_slices(a.shape[0], a.shape[1]):
+        prod = a[sl] * b[sl].to(torch.float32) if off is None else (b[sl] - off).mul_(a[sl])
+        total += prod.sum(0)
+    return total
+
+
+def _scaled_mm(g: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(g ⊙ c) @ w for g [T, out], c [out], w [out, K] without an output-sized temporary.
+
+    Chunks over rows of g when the weight is cheap to re-read (out < 2T), else over the out
+    dimension (each chunk accumulates into the result).
+    """
+    rows, out = g.shape
+    cc = c.to(g.dtype)
+    if rows * out <= 2 * _CHUNK_ELEMS:
+        return (g * cc) @ w
+    result = g.new_empty(rows, w.shape[1])
+    if out < 2 * rows:
+        for sl in _row_slices(rows, out, _MIN_CHUNK_ROWS):
+            torch.mm(g[sl] * cc, w, out=result[sl])
+        return result
+    result.zero_()
+    for sl in _row_slices(out, rows, _MIN_CHUNK_ROWS):
+        result.addmm_(g[:, sl] * cc[sl], w[sl])
+    return result
+
+
+# ---------------------------------------------------------------- layer-specific tensor ops
+
+
+class _LinearOps:
+    """Ops of a Linear adapter on 2-D activations x [T, in], y [T, out]."""
+
+    def base(self, x, w, bias):
+        return x @ w.t() if bias is None else torch.addmm(bias, x, w.t())
+
+    def down(self, x, a):
+        return x @ a.t()
+
+    def add_up_(self, y, h, b, alpha):
+        y.addmm_(h, b.t(), alpha=alpha)
+
+    def scale_shift_(self, y, c, bias):
+        if bias is None:
+            y.mul_(c)
+        else:
+            torch.addcmul(bias, y, c, out=y)
+
+    def up_input_grad(self, g, b):
+        return g @ b
+
+    def base_input_grad(self, g, w, x, c=None):
+        return g @ w if c is None else _scaled_mm(g, c, w)
+
+    def down_backward(self, gh, x, a, grad_x, need_a):
+        """Adds the down-projection's input gradient into grad_x (if given); returns grad of A."""
+        if grad_x is not None:
+            grad_x.addmm_(gh, a)
+        return gh.t() @ x if need_a else None
+
+    def up_weight_grad(self, g, h):
+        return g.t() @ h
+
+    def out_channel_dot(self, g, y, bias):
+        return _dot_rows(g, y, bias)
+
+    def in_channel_dot(self, x, gx):
+        return _dot_rows(x, gx, None)
+
+    def out_view(self, v):
+        return v
+
+    def in_view(self, v):
+        return v
+
+    def up(self, h, b):
+        return h @ b.t()
+
+    def recompute(self, x, w, h, b, s, idx):
+        """Pre-scale outputs x·W0ᵀ + s·h·Bᵀ of channels idx, [T, len(idx)]."""
+        return torch.addmm(x @ w[idx].t(), h, b[idx].t(), alpha=s)
+
+    def take(self, t, idx):
+        return t[:, idx]
+
+    def scaled_input_forward(self, x, c, w, bias, a):
+        """(x ⊙ c)·W0ᵀ + bias and (x ⊙ c)·Aᵀ, in row chunks."""
+        rows, width = x.shape
+        cc = c.to(x.dtype)
+        if rows * width <= 2 * _CHUNK_ELEMS:
+            xc = x * cc
+            return self.base(xc, w, bias), self.down(xc, a)
+        y = x.new_empty(rows, w.shape[0])
+        h = x.new_empty(rows, a.shape[0])
+        for sl in _row_slices(rows, width, _MIN_CHUNK_ROWS):
+            xc = x[sl] * cc
+            if bias is None:
+                torch.mm(xc, w.t(), out=y[sl])
+            else:
+                torch.addmm(bias, xc, w.t(), out=y[sl])
+            torch.mm(xc, a.t(), out=h[sl])
+        return y, h
+
+
+class _ConvOps:
+    """Ops of a Conv2d adapter (groups 1) on 4-D activations [N, C, H, W]."""
+
+    def __init__(self, stride, padding, dilation):
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    def _conv(self, x, w, bias=None):
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation)
+
+    def _backward(self, g, x, w, mask):
+        return torch.ops.aten.convolution_backward(g, x, w, None, list(self.stride), list(self.padding),
+                                                   list(self.dilation), False, [0, 0], 1, mask)
+
+    def base(self, x, w, bias):
+        return self._conv(x, w, bias)
+
+    def down(self, x, a):
+        return self._conv(x, a)
+
+    def add_up_(self, y, h, b, alpha):
+        n, out = y.shape[:2]
+        b2 = b.reshape(out, -1)
+        if y.is_contiguous() and h.is_contiguous():
+            y.view(n, out, -1).baddbmm_(b2.expand(n, *b2.shape), h.view(n, h.shape[1], -1), alpha=alpha)
+        else:
+            y.add_(F.conv2d(h, b), alpha=alpha)
+
+    def scale_shift_(self, y, c, bias):
+        cv = c.view(1, -1, 1, 1)
+        if bias is None:
+            y.mul_(cv)
+        else:
+            torch.addcmul(bias.view(1, -1, 1, 1), y, cv, out=y)
+
+    def up_input_grad(self, g, b):
+        n, out = g.shape[:2]
+        b2 = b.reshape(out, -1)
+        return torch.matmul(b2.t(), g.reshape(n, out, -1)).view(n, b2.shape[1], *g.shape[2:])
+
+    def base_input_grad(self, g, w, x, c=None):
+        if c is not None:
+            g = g * c.to(g.dtype).view(1, -1, 1, 1)
+        return self._backward(g, x, w, [True, False, False])[0]
+
+    def down_backward(self, gh, x, a, grad_x, need_a):
+        gx, ga, _ = self._backward(gh, x, a, [grad_x is not None, need_a, False])
+        if grad_x is not None:
+            grad_x.add_(gx)
+        return ga
+
+    def up_weight_grad(self, g, h):
+        n, out = g.shape[:2]
+        r = h.shape[1]
+        gh = torch.matmul(g.reshape(n, out, -1), h.reshape(n, r, -1).transpose(1, 2)).sum(0)
+        return gh.view(out, r, 1, 1)
+
+    def out_channel_dot(self, g, y, bias):
+        return _channel_dot_nchw(g, y, bias)
+
+    def in_channel_dot(self, x, gx):
+        return _channel_dot_nchw(x, gx, None)
+
+    def out_view(self, v):
+        return v.view(1, -1, 1, 1)
+
+    def in_view(self, v):
+        return v.view(1, -1, 1, 1)
+
+    def up(self, h, b):
+        return F.conv2d(h, b)
+
+    def recompute(self, x, w, h, b, s, idx):
+        z = self._conv(x, w[idx])
+        z.add_(F.conv2d(h, b[idx]), alpha=s)
+        return z
+
+    def take(self, t, idx):
+        return t[:, idx]
+
+    def scaled_input_forward(self, x, c, w, bias, a):
+        xc = x * c.to(x.dtype).view(1, -1, 1, 1)
+        return self.base(xc, w, bias), self.down(xc, a)
+
+
+def _channel_dot_nchw(a: torch.Tensor, b: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """Σ over N, H, W of a ⊙ (b − offset) per channel (dim 1), fp32, in channel chunks."""
+    n, channels = a.shape[:2]
+    per_channel = max(a[0, 0].numel() * n, 1)
+    total = torch.empty(channels, dtype=torch.float32, device=a.device)
+    off = None if offset is None else offset.to(torch.float32).view(1, -1, 1, 1)
+    for sl in _row_slices(channels, per_channel):
+        if off is None:
+            prod = a[:, sl] * b[:, sl].to(torch.float32)
+        else:
+            prod = (b[:, sl] - off[:, sl]).mul_(a[:, sl])
+        total[sl] = prod.sum((0, 2, 3))
+    return total
+
+
+# ---------------------------------------------------------------- autograd Functions (strength 1)
+
+
+class _OutputAxisFn(torch.autograd.Function):
+    """y = c ⊙ (base(x) + s·up(down(x))) + bias; plain LoRA when c is None. Base weight and bias frozen."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, a, b, c, s, ops):
+        h = ops.down(x, a)
+        if c is None:
+            y = ops.base(x, w, bias)
+            ops.add_up_(y, h, b, s)
+        else:
+            y = ops.base(x, w, None)
+            ops.scale_shift_(y, c, bias)
+            ops.add_up_(y, h, b * (s * c).to(b.dtype).view(_channel_shape("output", b.dim())), 1.0)
+        ctx.ops, ctx.s = ops, s
+        ctx.save_for_backward(x, w, bias, a, b, h, c, None if c is None else y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, bias, a, b, h, c, y = ctx.saved_tensors
+        ops, s = ctx.ops, ctx.s
+        need_x, need_a, need_b, need_c = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
+        g = g.contiguous()
+        row = _channel_shape("output", b.dim())
+        coef = s if c is None else (s * c).to(b.dtype).view(row)
+        grad_x = grad_a = grad_b = grad_c = None
+        if need_x or need_a:
+            gh = ops.up_input_grad(g, b * coef)
+            grad_x = ops.base_input_grad(g, w, x, c) if need_x else None
+            grad_a = ops.down_backward(gh, x, a, grad_x, need_a)
+        if need_b:
+            grad_b = ops.up_weight_grad(g, h).mul_(coef)
+        if need_c:
+            grad_c = _scale_grad(ops, g, y, bias, c, x, w, h, b, s)
+        return grad_x, None, None, grad_a, grad_b, grad_c, None, None
+
+
+def _scale_grad(ops, g, y, bias, c, x, w, h, b, s) -> torch.Tensor:
+    """Σ g ⊙ z per output channel, z = pre-scale activations = (y − bias) / c (recomputed where c ≈ 0)."""
+    grad_c = ops.out_channel_dot(g, y, bias) / c
+    small = c.abs() < _SMALL_SCALE
+    if bool(small.any()):
+        idx = small.nonzero().flatten()
+        z = ops.recompute(x, w, h, b, s, idx)
+        grad_c[idx] = ops.out_channel_dot(ops.take(g, idx), z, None)
+    return grad_c
+
+
+class _InputAxisFn(torch.autograd.Function):
+    """y = base(x ⊙ c) + s·up(down(x ⊙ c)) + bias, c per input channel. Base weight and bias frozen."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, a, b, c, s, ops):
+        y, h = ops.scaled_input_forward(x, c, w, bias, a)
+        ops.add_up_(y, h, b, s)
+        ctx.ops, ctx.s = ops, s
+        ctx.save_for_backward(x, w, a, b, h, c)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, a, b, h, c = ctx.saved_tensors
+        ops, s = ctx.ops, ctx.s
+        need_x, need_a, need_b, need_c = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
+        g = g.contiguous()
+        grad_x = grad_a = grad_b = grad_c = None
+        if need_x or need_a or need_c:
+            gh = ops.up_input_grad(g, b * s)
+            gxc = ops.base_input_grad(g, w, x) if (need_x or need_c) else None
+            grad_a = ops.down_backward(gh, x, a, gxc, need_a)
+            if grad_a is not None:
+                grad_a.mul_(c.to(grad_a.dtype).view(_channel_shape("input", grad_a.dim())))
+            if need_c:
+                grad_c = ops.in_channel_dot(x, gxc)
+            if need_x:
+                grad_x = gxc.mul_(ops.in_view(c))
+        if need_b:
+            grad_b = ops.up_weight_grad(g, h).mul_(s)
+        return grad_x, None, None, grad_a, grad_b, grad_c, None, None
+
+
+# ---------------------------------------------------------------- modules
+
+
+class DoRAModule(nn.Module):
+    """DoRA/LoRA adapter around a frozen base layer. See the module docstring for the math.
+
+    Attributes: base, lora_down, lora_up, magnitude (fp32 Parameter or None), rank, alpha, scale
+    (alpha/rank), axis, decompose, detach_norm, multiplier (strength k), merged.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, *, decompose: bool = True,
+                 axis: str = "output", detach_norm: bool = True):
+        super().__init__()
+        if axis not in AXES:
+            raise ConfigError(f"DoRA axis must be one of {AXES}, got {axis!r}: set network.decompose_axis accordingly")
+        if int(rank) != rank or rank < 1:
+            raise ConfigError(f"adapter rank must be a positive integer, got {rank!r}: set network.rank (e.g. 16)")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.axis = axis
+        self.decompose = bool(decompose)
+        self.detach_norm = bool(detach_norm)
+        self.multiplier = 1.0
+        self.merged = False
+        weight = base.weight
+        self.lora_down, self.lora_up = self._make_lora(self.rank)
+        self.lora_down.to(device=weight.device, dtype=torch.float32)
+        self.lora_up.to(device=weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        if self.decompose:
+            self.magnitude = nn.Parameter(weight_norm(weight.detach(), axis))
+        else:
+            self.register_parameter("magnitude", None)
+        self.register_buffer("base_norm_sq", weight_norm_squared(weight.detach(), axis), persistent=False)
+        self.register_buffer("_unmerged_weight", None, persistent=False)
+        self._norm_key = self._weight_key(weight)
+
+    # -- subclass hooks
+    def _make_lora(self, rank: int) -> tuple[nn.Module, nn.Module]:
+        raise NotImplementedError
+
+    def _ops(self):
+        raise NotImplementedError
+
+    def _as_layer_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+        """x as the ops expect it and the leading shape to restore (None: keep)."""
+        return x, None
+
+    # -- properties
+    @property
+    def scale(self) -> float:
+        """s = alpha / rank."""
+        return self.alpha / self.rank
+
+    def extra_repr(self) -> str:
+        kind = f"dora axis={self.axis} detach_norm={self.detach_norm}" if self.decompose else "lora"
+        return f"{kind}, rank={self.rank}, alpha={self.alpha:g}"
+
+    # -- weights
+    def original_weight(self) -> torch.Tensor:
+        """The unmerged base weight W0 (the base layer's weight, or its saved copy while merged)."""
+        return self._unmerged_weight if self.merged else self.base.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B·A in the base weight's shape, fp32."""
+        w = self.original_weight()
+        a = self.lora_down.weight.to(torch.float32).reshape(self.rank, -1)
+        b = self.lora_up.weight.to(torch.float32).reshape(w.shape[0], self.rank)
+        return (self.scale * (b @ a)).reshape(w.shape)
+
+    def merged_weight(self, strength: float = 1.0) -> torch.Tensor:
+        """Dense W0 + k·(W' − W0) in fp32 (W' = m·V/‖V‖ for DoRA, V for LoRA), for export and checks."""
+        w0 = self.original_weight().detach().to(torch.float32)
+        v = w0 + self.delta_weight()
+        if self.decompose:
+            norm = (weight_norm_squared(v, self.axis) + NORM_EPS).sqrt()
+            v = v * (self.magnitude / norm).view(_channel_shape(self.axis, v.dim()))
+        if strength == 1.0:
+            return v
+        return w0 + strength * (v - w0)
+
+    @torch.no_grad()
+    def merge(self, strength: float = 1.0) -> None:
+        """Bake W0 + k·(W' − W0) into the base weight; forward then uses the base layer only.
+
+        The original W0 is kept bit-exact (a copy in its own dtype) so `unmerge` restores it exactly:
+        recomputing W0 from the merged weight would be lossy in fp16/bf16.
+        """
+        if self.merged:
+            self.unmerge()
+        merged = self.merged_weight(strength)
+        self._unmerged_weight = self.base.weight.detach().clone()
+        self.base.weight.copy_(merged.to(self.base.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the original base weight (no-op when not merged)."""
+        if not self.merged:
+            return
+        self.base.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """m = ‖W0‖ on the axis (the initial value; the adapter then equals the base when B = 0)."""
+        if self.magnitude is not None:
+            self.magnitude.copy_(weight_norm(self.original_weight().detach(), self.axis))
+
+    # -- norms
+    @staticmethod
+    def _weight_key(w: torch.Tensor):
+        try:
+            version = w._version
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+        return (w.data_ptr(), version, w.dtype, w.device, tuple(w.shape))
+
+    def base_norm_squared(self) -> torch.Tensor:
+        """‖W0‖² per channel on the axis (fp32 buffer, recomputed when the base weight changes).
+
+        Changes are detected through the weight's storage and version counter (in-place updates,
+        `load_state_dict`, `.to()`); after writing to `base.weight.data` directly call `refresh_norms()`.
+        """
+        w = self.original_weight()
+        key = self._weight_key(w)
+        cached = self.base_norm_sq
+        if key is None or key != self._norm_key or cached.dtype != torch.float32 or cached.is_inference():
+            cached = weight_norm_squared(w.detach(), self.axis)
+            if key is not None and not torch.is_inference_mode_enabled():
+                self.base_norm_sq = cached
+                self._norm_key = key
+        return cached
+
+    def refresh_norms(self) -> None:
+        """Forget the cached ‖W0‖² (needed only after writing to `base.weight.data` in place)."""
+        self._norm_key = None
+
+    def norm_squared(self) -> torch.Tensor:
+        """‖V‖² per channel on the axis via the low-rank identity (fp32, ≥ 0, differentiable in A and B)."""
+        w0 = self.original_weight().detach().to(torch.float32)
+        w0 = w0.reshape(w0.shape[0], -1)
+        a = self.lora_down.weight.to(torch.float32).reshape(self.rank, -1)
+        b = self.lora_up.weight.to(torch.float32).reshape(w0.shape[0], self.rank)
+        s = self.scale
+        if self.axis == "output":
+            cross = w0 @ a.t()  # [out, r]
+            lowrank = (b * (cross.mul(2 * s) + (b @ (a @ a.t())).mul(s * s))).sum(1)
+        else:
+            cross = b.t() @ w0  # [r, in·kh·kw]
+            lowrank = (a * (cross.mul(2 * s) + ((b.t() @ b) @ a).mul(s * s))).sum(0)
+            lowrank = lowrank.view(self.original_weight().shape[1], -1).sum(1)
+        return (self.base_norm_squared() + lowrank).clamp_min(0)
+
+    def channel_scale(self) -> torch.Tensor:
+        """c = m / ‖V‖ per channel (fp32); ‖V‖ is detached from the graph when detach_norm."""
+        with torch.autocast(self.base.weight.device.type, enabled=False):
+            if self.detach_norm:
+                with torch.no_grad():
+                    inv = (self.norm_squared() + NORM_EPS).rsqrt()
+            else:
+                inv = (self.norm_squared() + NORM_EPS).rsqrt()
+            return self.magnitude * inv
+
+    # -- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = float(self.multiplier)
+        if self.merged or k == 0.0:
+            return self.base(x)
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xd, lead = self._as_layer_input(x.to(dtype))
+            y = self._adapted(xd, dtype, k)
+        return y if lead is None else y.view(*lead, y.shape[-1])
+
+    def _adapted(self, x, dtype, k):
+        """The adapted layer on x (already in the compute dtype and layout), autocast off."""
+        w = self.base.weight.to(dtype)
+        bias = None if self.base.bias is None else self.base.bias.to(dtype)
+        a = self.lora_down.weight.to(dtype)
+        b = self.lora_up.weight.to(dtype)
+        frozen = not (w.requires_grad or (bias is not None and bias.requires_grad))
+        if not self.decompose:
+            if frozen:
+                return _OutputAxisFn.apply(x, w, bias, a, b, None, k * self.scale, self._ops())
+            return self._composite(x, w, bias, a, b, None, k)
+        c = self.channel_scale()
+        if frozen and k == 1.0:
+            fn = _OutputAxisFn if self.axis == "output" else _InputAxisFn
+            return fn.apply(x, w, bias, a, b, c, self.scale, self._ops())
+        return self._composite(x, w, bias, a, b, c, k)
+
+    def _composite(self, x, w, bias, a, b, c, k):
+        """Plain-autograd path (any strength, trainable base weight): the layer with weight W0 + k·(W' − W0)."""
+        ops, s = self._ops(), self.scale
+        dtype = x.dtype
+        if c is None:
+            y = ops.base(x, w, bias)
+            return y + ops.up(ops.down(x, a), b) * (k * s)
+        if self.axis == "output":
+            base_coef = ((1.0 - k) + k * c).to(dtype)
+            up_coef = (k * s * c).to(dtype)
+            y = ops.base(x, w, None) * ops.out_view(base_coef) + ops.up(ops.down(x, a), b) * ops.out_view(up_coef)
+            return y if bias is None else y + ops.out_view(bias)
+        base_coef = ((1.0 - k) + k * c).to(dtype)
+        return (ops.base(x * ops.in_view(base_coef), w, bias)
+                + ops.up(ops.down(x * ops.in_view(c.to(dtype)), a), b) * (k * s))
+
+
+class DoRALinear(DoRAModule):
+    """DoRA/LoRA around nn.Linear: lora_down Linear(in, r), lora_up Linear(r, out), no biases."""
+
+    def _make_lora(self, rank):
+        base = self.base
+        return nn.Linear(base.in_features, rank, bias=False), nn.Linear(rank, base.out_features, bias=False)
+
+    def _ops(self):
+        return _LinearOps()
+
+    def _as_layer_input(self, x):
+        return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+
+class DoRAConv2d(DoRAModule):
+    """DoRA/LoRA around nn.Conv2d (groups 1, zero padding; any kernel, stride, padding, dilation).
+
+    LoCon layout: lora_down Conv2d(in, r) with the base kernel/stride/padding/dilation, lora_up a
+    1×1 Conv2d(r, out); no biases.
+    """
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, **kwargs):
+        if base.groups != 1:
+            raise ConfigError(f"DoRA/LoRA on Conv2d supports groups=1 only, got groups={base.groups} for {base}: "
+                              "exclude this layer from the adapter (network.exclude)")
+        if base.padding_mode != "zeros":
+            raise ConfigError(f"DoRA/LoRA on Conv2d supports padding_mode='zeros' only, got {base.padding_mode!r} "
+                              f"for {base}: exclude this layer from the adapter (network.exclude)")
+        _numeric_padding(base)
+        super().__init__(base, rank, alpha, **kwargs)
+
+    def _make_lora(self, rank):
+        base = self.base
+        down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, _numeric_padding(base), base.dilation,
+                         bias=False)
+        up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        return down, up
+
+    def _ops(self):
+        return _ConvOps(self.base.stride, _numeric_padding(self.base), self.base.dilation)
+
+
+def _numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """The conv's padding as two ints ('valid' → 0; 'same' when symmetric)."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        pads = []
+        for k, d in zip(conv.kernel_size, conv.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                raise ConfigError(f"{conv}: padding='same' with an even effective kernel is asymmetric and not "
+                                  "supported by DoRAConv2d: exclude this layer from the adapter (network.exclude)")
+            pads.append(total // 2)
+        return tuple(pads)
+    return tuple(conv.padding)

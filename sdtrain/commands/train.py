@@ -1,0 +1,28 @@
+"""`sdtrain train CONFIG`: train an adapter (or, with --dry-run, explain the plan without loading weights)."""
+
+from __future__ import annotations
+
+NAME = "train"
+HELP = "Train a DoRA/LoRA adapter from a TOML config."
+
+
+def add_arguments(parser):
+    parser.add_argument("config", help="TOML config file (see configs/ and docs/config.md)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.max_steps=500 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="scan the data and print the plan (buckets, steps, adapted modules) without loading weights")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="latest|PATH",
+                        help="resume from the newest training state in the output folder, or from PATH")
+    parser.add_argument("--init-from", metavar="ADAPTER", default=None,
+                        help="start from a trained adapter file (kohya/LyCORIS/OneTrainer layout) with a fresh optimizer")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or plan output")
+
+
+def run(args) -> int:
+    from sdtrain.config import load_config
+    from sdtrain.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, dry_run=args.dry_run, resume=args.resume, init_from=args.init_from, quiet=args.quiet)
+    return 0

@@ -1,0 +1,329 @@
+"""Read a TOML config, apply `--set key.path=value` overrides and check every key against the schema."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from dataclasses import fields
+
+from sdtrain.config.kinds import Choice, Mismatch, Path, Section, SectionList, Str, StrList, type_name
+from sdtrain.config.resolve import resolve_config
+from sdtrain.config.schema import Config, iter_keys
+from sdtrain.errors import ConfigError
+
+try:
+    import tomllib
+
+    _TOML_ERRORS = (tomllib.TOMLDecodeError,)
+
+    def _parse_toml(text: str) -> dict:
+        return tomllib.loads(text)
+
+except ModuleNotFoundError:  # Python 3.10
+    import toml
+
+    _TOML_ERRORS = (toml.TomlDecodeError,)
+
+    def _parse_toml(text: str) -> dict:
+        return toml.loads(text)
+
+
+# Familiar kohya / OneTrainer names, so an unknown key can point at ours.
+KOHYA_NAMES = {
+    "pretrained_model_name_or_path": "model.path",
+    "v_parameterization": "model.prediction_type",
+    "network_dim": "network.rank",
+    "network_alpha": "network.alpha",
+    "network_module": "network.type",
+    "conv_dim": "network.conv_rank",
+    "learning_rate": "optimizer.lr",
+    "optimizer_type": "optimizer.type",
+    "optimizer_args": "optimizer.args",
+    "lr_scheduler": "scheduler.type",
+    "lr_warmup_steps": "scheduler.warmup_steps",
+    "lr_scheduler_num_cycles": "scheduler.num_cycles",
+    "lr_scheduler_power": "scheduler.power",
+    "max_train_steps": "train.max_steps",
+    "max_train_epochs": "train.epochs",
+    "train_batch_size": "train.batch_size",
+    "mixed_precision": "train.mixed_precision",
+    "save_precision": "save.dtype",
+    "save_every_n_steps": "save.every_n_steps",
+    "save_every_n_epochs": "save.every_n_epochs",
+    "sample_every_n_steps": "sample.every_n_steps",
+    "sample_sampler": "sample.sampler",
+    "logging_dir": "log.log_dir",
+    "image_dir": "data.subsets.N.path",
+    "num_repeats": "data.subsets.N.repeats",
+    "shuffle_caption": "data.subsets.N.shuffle_tags",
+    "flip_aug": "data.subsets.N.flip",
+    "caption_dropout_rate": "data.subsets.N.caption_dropout",
+    "caption_tag_dropout_rate": "data.subsets.N.tag_dropout",
+    "class_tokens": "data.subsets.N.class_caption",
+    "enable_bucket": "data.min_bucket_side",
+    "min_bucket_reso": "data.min_bucket_side",
+    "max_bucket_reso": "data.max_bucket_side",
+    "bucket_reso_steps": "data.bucket_step",
+    "bucket_no_upscale": "data.no_upscale",
+    "max_data_loader_n_workers": "data.num_workers",
+}
+
+
+def read_toml(path: str) -> dict:
+    """The parsed TOML file at `path`; a missing or malformed file is a `ConfigError`."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}; check the path passed to --config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        return _parse_toml(text)
+    except _TOML_ERRORS as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}; fix the syntax at that line") from None
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], object, str]:
+    """Split `a.b.0.c=value` into (["a", "b", "0", "c"], parsed value, raw value text).
+
+    The value is read as a TOML literal (numbers, booleans, arrays, inline tables, quoted
+    strings); anything that is not valid TOML is taken as a plain string.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects key.path=value (e.g. --set train.max_steps=500), got '{text}'")
+    parts = key.split(".")
+    if any(not p.strip() for p in parts):
+        raise ConfigError(f"--set key '{key}' has an empty part; write it like network.rank=32")
+    raw = raw.strip()
+    try:
+        value = _parse_toml(f"v = {raw}")["v"]
+    except _TOML_ERRORS:
+        value = raw
+    return [p.strip() for p in parts], value, raw
+
+
+def _kind_at(parts: list[str]):
+    """The schema kind at a dotted override path (list indices skipped), or None."""
+    key = ".".join("N" if p.isdigit() else p for p in parts)
+    for dotted, f in iter_keys():
+        if dotted == key:
+            return f.metadata["kind"]
+    return None
+
+
+def apply_overrides(data: dict, overrides) -> dict[str, str]:
+    """Apply `--set` overrides to the raw config dict in place.
+
+    Returns {dotted key: override text} so messages can point at the --set that caused them.
+    A list index equal to the list's length appends a new table (e.g. a new subset).
+    """
+    origins: dict[str, str] = {}
+    for text in overrides:
+        parts, value, raw = parse_override(text)
+        if isinstance(_kind_at(parts), (Str, Path)) and not isinstance(value, str):
+            value = raw  # `--set train.output_name=2024` means the string "2024"
+        node = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit():
+                    raise ConfigError(f"--set {text}: '{'.'.join(parts[:depth])}' is a list; index it with a number, "
+                                      f"e.g. {'.'.join(parts[:depth])}.0")
+                index = int(part)
+                if index > len(node):
+                    raise ConfigError(f"--set {text}: '{'.'.join(parts[:depth])}' has {len(node)} entries; "
+                                      f"use an index from 0 to {len(node)} ({len(node)} appends a new one)")
+                if last:
+                    if index == len(node):
+                        node.append(value)
+                    else:
+                        node[index] = value
+                else:
+                    if index == len(node):
+                        node.append({})
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, [] if parts[depth + 1].isdigit() else {})
+            else:
+                raise ConfigError(f"--set {text}: '{'.'.join(parts[:depth])}' is a single value, not a table; "
+                                  f"it has no key '{part}'")
+            if last:
+                origins[where] = text
+    return origins
+
+
+# ---------------------------------------------------------------- schema walk
+
+
+class _Problems:
+    """Collects validation problems so the user sees all of them at once."""
+
+    def __init__(self, source: str, origins: dict[str, str]):
+        self.source = source
+        self.origins = origins
+        self.lines: list[str] = []
+
+    def where(self, dotted: str) -> str:
+        for key, text in self.origins.items():
+            if dotted == key or dotted.startswith(key + "."):
+                return f"--set {text}"
+        return self.source
+
+    def add(self, message: str):
+        self.lines.append(message)
+
+    def raise_if_any(self):
+        if len(self.lines) == 1:
+            raise ConfigError(self.lines[0])
+        if self.lines:
+            items = "".join("\n  - " + line.replace("\n", "\n      ") for line in self.lines)
+            raise ConfigError(f"{len(self.lines)} problems in {self.source}:{items}")
+
+
+def _generic(dotted: str) -> str:
+    return ".".join("N" if p.isdigit() else p for p in dotted.split("."))
+
+
+def _specific(generic: str, dotted: str) -> str:
+    """Put the subset index of `dotted` back into a generic 'data.subsets.N.x' key."""
+    parts = dotted.split(".")
+    if "N" in generic.split(".") and len(parts) > 2 and parts[2].isdigit():
+        return generic.replace(".N.", f".{parts[2]}.", 1)
+    return generic
+
+
+def suggest_key(dotted: str, siblings: list[str]) -> str:
+    """The most likely intended key for an unknown dotted key, or ""."""
+    name = dotted.rsplit(".", 1)[-1]
+    prefix = dotted[: len(dotted) - len(name)]
+    match = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    if match:
+        return prefix + match[0]
+    if name in KOHYA_NAMES:
+        return _specific(KOHYA_NAMES[name], dotted)
+    everywhere = {key.rsplit(".", 1)[-1]: key for key, _ in iter_keys()}
+    match = difflib.get_close_matches(name, list(everywhere), n=1, cutoff=0.75)
+    if match:
+        return _specific(everywhere[match[0]], dotted)
+    return ""
+
+
+def _example_block(prefix: str, example: str) -> str:
+    """`example` under its TOML table header ([model], [[data.subsets]])."""
+    if "\n" in example:
+        return example
+    parts = prefix.rstrip(".").split(".")
+    if parts[-1].isdigit():
+        return f"[[{'.'.join(parts[:-1])}]]\n{example}"
+    return f"[{'.'.join(parts)}]\n{example}" if parts[0] else example
+
+
+def _describe_value(value) -> str:
+    text = repr(value) if not isinstance(value, str) else f'"{value}"'
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    return f"{text} ({type_name(value)})"
+
+
+def build_section(cls, raw, prefix: str, problems: _Problems):
+    """Check one table against its schema dataclass and build it; problems are collected."""
+    known = [f.name for f in fields(cls)]
+    for key in raw:
+        if key not in known:
+            dotted = prefix + str(key)
+            hint = suggest_key(dotted, known)
+            message = f"unknown key '{dotted}' in {problems.where(dotted)}"
+            if hint:
+                message += f"; did you mean '{hint}'?"
+            else:
+                section = prefix.rstrip(".") or "the top level"
+                message += f"; keys accepted in {section}: {', '.join(known)}"
+            problems.add(message)
+    values = {}
+    for f in fields(cls):
+        kind = f.metadata["kind"]
+        dotted = prefix + f.name
+        value = raw.get(f.name)
+        if isinstance(kind, Section):
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                problems.add(f"'{dotted}' in {problems.where(dotted)} must be a table ([{dotted}]), "
+                             f"got {_describe_value(value)}")
+                continue
+            values[f.name] = build_section(kind.cls, value, dotted + ".", problems)
+            continue
+        if value is None or (f.metadata["required"] and value == []):
+            if f.metadata["required"]:
+                problems.add(f"missing required key '{dotted}' in {problems.where(dotted)}; add it, e.g.\n"
+                             + _example_block(prefix, f.metadata["example"]))
+            continue
+        if isinstance(kind, SectionList):
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                problems.add(f"'{dotted}' in {problems.where(dotted)} must be an array of tables "
+                             f"([[{dotted}]] blocks), got {_describe_value(value)}")
+                continue
+            values[f.name] = [build_section(kind.cls, v, f"{dotted}.{i}.", problems) for i, v in enumerate(value)]
+            continue
+        try:
+            values[f.name] = kind.check(value)
+        except Mismatch as exc:
+            where = problems.where(dotted)
+            if exc.reason == "type":
+                message = f"'{dotted}' in {where} has the wrong type: got {_describe_value(value)}; it accepts {kind.describe()}"
+            elif isinstance(kind, (Choice, StrList)):
+                message = f"'{dotted}' in {where} is not an accepted value: got {_describe_value(value)}; it accepts {kind.describe()}"
+            else:
+                message = f"'{dotted}' in {where} is out of range: got {_describe_value(value)}; it accepts {kind.describe()}"
+            if exc.hint:
+                message += f"; did you mean \"{exc.hint}\"?"
+            problems.add(message)
+    return cls(**values)
+
+
+def config_from_dict(data: dict, base_dir, *, source: str = "<config>", origins: dict[str, str] | None = None,
+                     stem: str | None = None) -> Config:
+    """Check a raw config dict against the schema, then resolve paths and derived defaults.
+
+    `base_dir` is where relative paths start; `source` names the config in messages; `stem`
+    (the config file's name) is the default `train.output_name`. Raises `ConfigError`.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a table of sections, got {type_name(data)}")
+    problems = _Problems(source, origins or {})
+    config = build_section(Config, copy.deepcopy(data), "", problems)
+    problems.raise_if_any()
+    resolve_config(config, os.fspath(base_dir), problems, stem)
+    problems.raise_if_any()
+    return config
+
+
+def load_config(path, overrides=()) -> Config:
+    """Read the TOML config at `path`, apply `--set key.path=value` overrides, validate and resolve it."""
+    path = os.fspath(path)
+    data = read_toml(path)
+    origins = apply_overrides(data, list(overrides))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return config_from_dict(data, os.path.dirname(os.path.abspath(path)), source=display_path(path),
+                            origins=origins, stem=stem)
+
+
+def display_path(path) -> str:
+    """A config path as the user would recognise it (relative to the working folder when inside it)."""
+    path = os.fspath(path)
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return rel if not rel.startswith("..") else path

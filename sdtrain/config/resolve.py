@@ -1,0 +1,227 @@
+"""After the schema check: resolve paths and derived defaults, and check rules that span keys."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+
+from sdtrain.config.schema import BUILTIN_MODELS, Config, default_resolution
+from sdtrain.prompts import parse_prompt_line
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_OUTPUT_NAME = re.compile(r"[A-Za-z0-9._+-]+")
+OPTIMIZER_PACKAGES = {
+    "AdamW8bit": "bitsandbytes",
+    "PagedAdamW8bit": "bitsandbytes",
+    "Lion8bit": "bitsandbytes",
+    "Prodigy": "prodigyopt",
+}
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """True for "org/name" strings that are not checkpoint file names."""
+    return bool(_HUB_ID.fullmatch(value)) and not value.lower().endswith(CHECKPOINT_SUFFIXES) \
+        and not value.startswith(".")
+
+
+def _local(base_dir: str, value: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+
+
+class Resolver:
+    """Fills derived defaults of a schema-checked `Config` in place, collecting problems."""
+
+    def __init__(self, config: Config, base_dir: str, problems, stem: str | None):
+        self.c = config
+        self.base_dir = os.path.abspath(base_dir)
+        self.problems = problems
+        self.stem = stem
+
+    def fail(self, dotted: str, message: str):
+        self.problems.add(f"'{dotted}' in {self.problems.where(dotted)}: {message}")
+
+    def run(self):
+        self.model()
+        self.network()
+        self.data()
+        self.optimizer()
+        self.scheduler_and_train()
+        self.outputs()
+        self.sample()
+        self.log()
+
+    # ------------------------------------------------------------ model
+
+    def _model_ref(self, dotted: str, value: str | None, allow_builtin: bool) -> str | None:
+        if value is None:
+            return None
+        if value.startswith("builtin:"):
+            if allow_builtin and value in BUILTIN_MODELS:
+                return value
+            accepted = ", ".join(f'"{b}"' for b in BUILTIN_MODELS) if allow_builtin else "no builtin models"
+            self.fail(dotted, f'unknown builtin model "{value}"; it accepts {accepted}')
+            return value
+        local = _local(self.base_dir, value)
+        if os.path.exists(local):
+            if os.path.isfile(local):
+                suffix = os.path.splitext(local)[1].lower()
+                if suffix not in CHECKPOINT_SUFFIXES:
+                    self.fail(dotted, f"{local} is not a checkpoint; it accepts a diffusers folder or a "
+                                      f"{', '.join(CHECKPOINT_SUFFIXES)} file")
+                elif suffix in PICKLE_SUFFIXES and not self.c.model.allow_pickle:
+                    self.fail(dotted, f"{local} is a pickle checkpoint, which can run code when loaded; convert it to "
+                                      ".safetensors, or set model.allow_pickle = true if you trust the file")
+            return local
+        if looks_like_hub_id(value):
+            return value
+        self.fail(dotted, f'no file or folder at {local} (relative paths are read from {self.base_dir}), and '
+                          f'"{value}" is not a hub id like "org/name"; fix the path')
+        return value
+
+    def model(self):
+        m = self.c.model
+        m.path = self._model_ref("model.path", m.path, allow_builtin=True)
+        m.vae = self._model_ref("model.vae", m.vae, allow_builtin=False)
+        m.config_dir = self._input_dir("model.config_dir", m.config_dir)
+        builtin_arch = BUILTIN_MODELS.get(m.path)
+        if builtin_arch:
+            if m.arch not in ("auto", builtin_arch):
+                self.fail("model.arch", f'"{m.arch}" does not match {m.path}, which is {builtin_arch}; '
+                                        f'set it to "auto" or "{builtin_arch}"')
+            m.arch = builtin_arch
+
+    def _input_dir(self, dotted: str, value: str | None) -> str | None:
+        if value is None:
+            return None
+        local = _local(self.base_dir, value)
+        if not os.path.isdir(local):
+            state = "is a file, not a folder" if os.path.exists(local) else "does not exist"
+            self.fail(dotted, f'folder {local} {state} ("{value}" is read relative to {self.base_dir}); '
+                              "create it or fix the path")
+        return local
+
+    # ------------------------------------------------------------ network
+
+    def network(self):
+        n = self.c.network
+        if n.alpha is None:
+            n.alpha = float(n.rank)
+        if n.conv_rank is None:
+            n.conv_rank = n.rank
+        if n.conv_alpha is None:
+            n.conv_alpha = n.conv_rank * n.alpha / n.rank
+        if not (n.train_unet or n.train_text_encoder):
+            self.fail("network.train_unet", "nothing to train: network.train_unet and network.train_text_encoder "
+                                            "are both false; set one of them to true")
+
+    # ------------------------------------------------------------ data
+
+    def data(self):
+        d = self.c.data
+        if not d.caption_extension.startswith("."):
+            self.fail("data.caption_extension", f'"{d.caption_extension}" must start with a dot, e.g. ".txt"')
+        for i, s in enumerate(d.subsets):
+            s.path = self._input_dir(f"data.subsets.{i}.path", s.path)
+            if s.caption_extension is None:
+                s.caption_extension = d.caption_extension
+            elif not s.caption_extension.startswith("."):
+                self.fail(f"data.subsets.{i}.caption_extension",
+                          f'"{s.caption_extension}" must start with a dot, e.g. ".txt"')
+            if d.cache_text_encoder_outputs and (s.shuffle_tags or s.caption_dropout or s.tag_dropout):
+                self.fail("data.cache_text_encoder_outputs",
+                          f"cached text-encoder outputs need fixed captions, but data.subsets.{i} uses shuffle_tags, "
+                          "caption_dropout or tag_dropout; turn those off or set cache_text_encoder_outputs = false")
+        if d.subsets and all(s.is_reg for s in d.subsets):
+            self.fail("data.subsets", "every subset has is_reg = true; add at least one subset of training images")
+        if d.cache_text_encoder_outputs and self.c.network.train_text_encoder:
+            self.fail("data.cache_text_encoder_outputs", "cannot cache text-encoder outputs while training the text "
+                                                         "encoder; set network.train_text_encoder = false or this to false")
+        if d.resolution == "auto" and self.c.model.arch != "auto":
+            d.resolution = default_resolution(self.c.model.arch)
+        for key in ("min_bucket_side", "max_bucket_side"):
+            if getattr(d, key) % d.bucket_step:
+                self.fail(f"data.{key}", f"{getattr(d, key)} is not a multiple of data.bucket_step ({d.bucket_step})")
+        if d.min_bucket_side > d.max_bucket_side:
+            self.fail("data.min_bucket_side", f"{d.min_bucket_side} is larger than data.max_bucket_side ({d.max_bucket_side})")
+        if d.resolution != "auto":
+            width, height = d.resolution
+            if width % d.bucket_step or height % d.bucket_step:
+                self.fail("data.resolution", f"{d.resolution} has sides that are not multiples of data.bucket_step ({d.bucket_step})")
+            if min(width, height) < d.min_bucket_side or max(width, height) > d.max_bucket_side:
+                self.fail("data.resolution", f"{d.resolution} lies outside the bucket sides [{d.min_bucket_side}, "
+                                             f"{d.max_bucket_side}]; change data.min_bucket_side / data.max_bucket_side")
+
+    # ------------------------------------------------------------ optimizer, schedule, loop
+
+    def optimizer(self):
+        o = self.c.optimizer
+        if o.unet_lr is None:
+            o.unet_lr = o.lr
+        if o.text_encoder_lr is None:
+            o.text_encoder_lr = o.lr
+        if o.text_encoder_2_lr is None:
+            o.text_encoder_2_lr = o.text_encoder_lr
+        package = OPTIMIZER_PACKAGES.get(o.type)
+        if package and importlib.util.find_spec(package) is None:
+            self.fail("optimizer.type", f'"{o.type}" needs the {package} package; install it (pip install {package}) '
+                                        'or choose "AdamW"')
+
+    def scheduler_and_train(self):
+        s, t = self.c.scheduler, self.c.train
+        if s.type == "constant" and s.warmup_steps:
+            self.fail("scheduler.warmup_steps", f'{s.warmup_steps} warm-up steps have no effect with scheduler.type = '
+                                                '"constant"; use "constant_with_warmup" or set warmup_steps = 0')
+        if t.max_steps is None and t.epochs is None:
+            self.problems.add(f"missing required key 'train.max_steps' (or 'train.epochs') in {self.problems.source}; "
+                              "add it, e.g.\n[train]\nmax_steps = 2000")
+        elif t.max_steps is not None and s.warmup_steps >= t.max_steps:
+            self.fail("scheduler.warmup_steps", f"{s.warmup_steps} is not below train.max_steps ({t.max_steps})")
+        if t.min_timestep >= t.max_timestep:
+            self.fail("train.min_timestep", f"{t.min_timestep} must be below train.max_timestep ({t.max_timestep})")
+
+    # ------------------------------------------------------------ outputs
+
+    def _output_dir(self, dotted: str, value: str) -> str:
+        local = _local(self.base_dir, value)
+        if os.path.exists(local) and not os.path.isdir(local):
+            self.fail(dotted, f"{local} is a file; it accepts a folder path")
+        return local
+
+    def outputs(self):
+        t, d = self.c.train, self.c.data
+        t.output_dir = self._output_dir("train.output_dir", t.output_dir)
+        if t.output_name is None:
+            t.output_name = self.stem or "adapter"
+        if not _OUTPUT_NAME.fullmatch(t.output_name):
+            self.fail("train.output_name", f'"{t.output_name}" is not a plain file name; it accepts letters, digits '
+                                           "and . _ + - (no folders or spaces)")
+        d.cache_dir = self._output_dir("data.cache_dir", d.cache_dir or os.path.join(t.output_dir, "cache"))
+
+    def sample(self):
+        s = self.c.sample
+        if s.seed is None:
+            s.seed = self.c.train.seed
+        if s.every_n_steps and not s.prompts:
+            self.fail("sample.every_n_steps", f"{s.every_n_steps} asks for samples but sample.prompts is empty; "
+                                              'add prompts, e.g. prompts = ["a photo of sks person --w 1024 --h 1024"]')
+        for i, line in enumerate(s.prompts):
+            try:
+                parse_prompt_line(line)
+            except ValueError as exc:
+                self.fail(f"sample.prompts.{i}", f'"{line}": {exc}')
+
+    def log(self):
+        g = self.c.log
+        g.log_dir = self._output_dir("log.log_dir", g.log_dir or os.path.join(self.c.train.output_dir, "logs"))
+        if g.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            self.fail("log.tensorboard", "needs the tensorboard package; install it (pip install tensorboard) "
+                                         "or set log.tensorboard = false")
+
+
+def resolve_config(config: Config, base_dir: str, problems, stem: str | None = None) -> Config:
+    """Resolve paths and derived defaults of `config` in place; problems are added to `problems`."""
+    Resolver(config, base_dir, problems, stem).run()
+    return config

@@ -1,0 +1,237 @@
+"""The config schema: one dataclass per TOML section, one `setting(...)` per key.
+
+Each setting carries its kind (type and accepted values), default and help text, so
+validation, defaults, the resolved-config dump and docs/config.md all come from here.
+Defaults written as text in `default_doc` are filled in by `resolve.py` after loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+
+from sdtrain.config.kinds import (
+    Bool,
+    Choice,
+    Float,
+    FloatPair,
+    Int,
+    Kind,
+    Path,
+    Resolution,
+    Section,
+    SectionList,
+    Str,
+    StrList,
+    Table,
+)
+
+ARCHS = ("auto", "sd15", "sd2", "sdxl")
+BUILTIN_MODELS = {"builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl"}
+DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
+OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Adafactor", "Prodigy", "SGD")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+SAMPLERS = ("euler_a", "ddim", "euler", "dpmpp_2m")
+VERIFY_TARGETS = ("comfyui", "a1111", "lycoris")
+
+
+def setting(default=None, kind: Kind | None = None, help: str = "", *, required: bool = False,
+            example: str | None = None, default_doc: str | None = None):
+    """A schema field: `default` (a callable for mutable defaults), its `kind` and `help`."""
+    metadata = {"kind": kind, "help": help, "required": required, "example": example, "default_doc": default_doc}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def section(cls, help: str = ""):
+    return setting(cls, Section(cls), help)
+
+
+@dataclass
+class ModelConfig:
+    path: str = setting(None, Path("model"), "Base model to train on.", required=True,
+                        example='path = "stabilityai/stable-diffusion-xl-base-1.0"')
+    arch: str = setting("auto", Choice(ARCHS), "Model family; \"auto\" detects it from the weights.")
+    vae: str | None = setting(None, Path("vae"), "VAE to use instead of the model's own (e.g. an fp16-safe SDXL VAE).",
+                              default_doc="the model's VAE")
+    config_dir: str | None = setting(None, Path("input_dir"),
+                                     "Local diffusers config folder used to build a single-file checkpoint offline.")
+    prediction_type: str = setting("auto", Choice(("auto", "epsilon", "v_prediction")),
+                                   "What the UNet predicts; \"auto\" reads it from the model's scheduler config.")
+    clip_skip: int = setting(1, Int(min=1), "Use the output of the N-th last text-encoder layer (1 = last, 2 = kohya/A1111 \"clip skip 2\").")
+    allow_pickle: bool = setting(False, Bool(), "Allow loading pickled .ckpt/.pt/.bin files, which can run code; only for files you trust.")
+    revision: str | None = setting(None, Str(nonempty=True), "Hub revision (branch, tag or commit) of a hub model.")
+    variant: str | None = setting(None, Str(nonempty=True), "Hub weight variant, e.g. \"fp16\".")
+
+
+@dataclass
+class NetworkConfig:
+    type: str = setting("dora", Choice(("dora", "lora")), "Adapter type: DoRA (weight-decomposed) or plain LoRA.")
+    rank: int = setting(16, Int(min=1), "Adapter rank (kohya network_dim); 16-32 is typical for SDXL characters.")
+    alpha: float | None = setting(None, Float(min=0, min_open=True), "Scale numerator: the update is multiplied by alpha / rank.",
+                                  default_doc="rank")
+    decompose_axis: str = setting("output", Choice(("output", "input")),
+                                  "DoRA magnitude axis: one scale per output row (LyCORIS default) or per input column.")
+    detach_norm: bool = setting(True, Bool(), "Treat the DoRA weight norm as a constant in the backward pass (the paper's memory saving).")
+    preset: str = setting("attn-mlp", Choice(("attn", "attn-mlp", "full")),
+                          "Which layers get adapters: attention only, attention + feed-forward, or also ResNet convolutions.")
+    include: list[str] = setting(list, StrList(), "Extra layers to adapt: glob or re: patterns over kohya module names (lora_unet_...).")
+    exclude: list[str] = setting(list, StrList(), "Layers to skip: glob or re: patterns over kohya module names; applied after include.")
+    conv_rank: int | None = setting(None, Int(min=1), "Rank of convolution adapters (preset \"full\").", default_doc="rank")
+    conv_alpha: float | None = setting(None, Float(min=0, min_open=True), "Alpha of convolution adapters.",
+                                       default_doc="conv_rank * alpha / rank")
+    train_unet: bool = setting(True, Bool(), "Train adapters on the UNet.")
+    train_text_encoder: bool = setting(False, Bool(), "Also train adapters on the text encoder(s).")
+
+
+@dataclass
+class SubsetConfig:
+    path: str = setting(None, Path("input_dir"), "Folder of images with caption files.", required=True,
+                        example='path = "datasets/my_character"')
+    repeats: int | None = setting(None, Int(min=1), "How many times each image is seen per epoch.",
+                                  default_doc="N from a kohya \"N_name\" folder, else 1")
+    is_reg: bool = setting(False, Bool(), "Regularisation (class) images instead of training images.")
+    caption_extension: str | None = setting(None, Str(nonempty=True), "Caption file extension for this subset.",
+                                            default_doc="data.caption_extension")
+    shuffle_tags: bool = setting(False, Bool(), "Shuffle comma-separated tags each time a caption is used (kohya shuffle_caption).")
+    keep_tokens: int = setting(0, Int(min=0), "Number of leading tags kept in place when shuffling or dropping tags.")
+    keep_tokens_separator: str = setting("", Str(), "If set, everything before this separator is kept in place instead of keep_tokens tags.")
+    tag_separator: str = setting(", ", Str(nonempty=True), "Separator between tags in captions.")
+    caption_dropout: float = setting(0.0, Float(min=0, max=1), "Probability of training on an empty caption.")
+    tag_dropout: float = setting(0.0, Float(min=0, max=1), "Probability of dropping each (non-kept) tag.")
+    flip: bool = setting(False, Bool(), "Randomly flip images horizontally (not for asymmetric characters).")
+    class_caption: str | None = setting(None, Str(), "Caption used for images that have no caption file.",
+                                        default_doc="no default: a missing caption file is an error")
+
+
+@dataclass
+class DataConfig:
+    resolution: str | list[int] = setting("auto", Resolution(), "Training resolution: bucket area target.",
+                                          default_doc="\"auto\": 1024 for SDXL, 768 for SD2, 512 for SD1.5")
+    caption_extension: str = setting(".txt", Str(nonempty=True), "Caption file extension, with the dot.")
+    min_bucket_side: int = setting(256, Int(min=64, multiple_of=64), "Smallest bucket side in pixels.")
+    max_bucket_side: int = setting(2048, Int(min=64, multiple_of=64), "Largest bucket side in pixels.")
+    bucket_step: int = setting(64, Int(min=64, multiple_of=64), "Bucket sides are multiples of this many pixels.")
+    no_upscale: bool = setting(False, Bool(), "Never upscale small images; they get a bucket of their own size instead.")
+    cache_latents: bool = setting(True, Bool(), "Encode images with the VAE once and cache the latents.")
+    cache_dir: str | None = setting(None, Path("output_dir"), "Folder for cached latents and text-encoder outputs.",
+                                    default_doc="{train.output_dir}/cache")
+    cache_text_encoder_outputs: bool = setting(False, Bool(), "Cache text-encoder outputs (needs fixed captions and frozen text encoders).")
+    num_workers: int = setting(2, Int(min=0), "Data loader worker processes (0 = load in the main process).")
+    subsets: list[SubsetConfig] = setting(list, SectionList(SubsetConfig), "Image folders, one [[data.subsets]] table each.",
+                                          required=True, example='[[data.subsets]]\npath = "datasets/my_character"')
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = setting("AdamW8bit", Choice(OPTIMIZERS), "Optimizer (8-bit ones come from bitsandbytes).")
+    lr: float = setting(1e-4, Float(min=0, min_open=True), "Learning rate (kohya learning_rate); about 1.0 for Prodigy.")
+    unet_lr: float | None = setting(None, Float(min=0, min_open=True), "Learning rate of UNet adapters.", default_doc="lr")
+    text_encoder_lr: float | None = setting(None, Float(min=0, min_open=True), "Learning rate of text-encoder adapters.",
+                                            default_doc="lr")
+    text_encoder_2_lr: float | None = setting(None, Float(min=0, min_open=True), "Learning rate of SDXL's second text encoder.",
+                                              default_doc="text_encoder_lr")
+    weight_decay: float = setting(0.01, Float(min=0), "Decoupled weight decay.")
+    betas: list[float] | None = setting(None, FloatPair(), "Adam/Lion betas.", default_doc="the optimizer's default")
+    eps: float | None = setting(None, Float(min=0, min_open=True), "Adam epsilon.", default_doc="the optimizer's default")
+    args: dict = setting(dict, Table(), "Extra keyword arguments passed to the optimizer, e.g. { decouple = true }.")
+
+
+@dataclass
+class SchedulerConfig:
+    type: str = setting("constant", Choice(SCHEDULERS), "Learning-rate schedule (diffusers get_scheduler names).")
+    warmup_steps: int = setting(0, Int(min=0), "Linear warm-up steps (not with \"constant\").")
+    num_cycles: int = setting(1, Int(min=1), "Restarts of \"cosine_with_restarts\".")
+    power: float = setting(1.0, Float(min=0, min_open=True), "Power of the \"polynomial\" decay.")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = setting(None, Int(min=1), "Optimizer steps to train (set this or epochs; the first limit reached stops).",
+                                    example="max_steps = 2000")
+    epochs: int | None = setting(None, Int(min=1), "Epochs to train (set this or max_steps).")
+    batch_size: int = setting(1, Int(min=1), "Images per step on the device.")
+    gradient_accumulation_steps: int = setting(1, Int(min=1), "Batches accumulated per optimizer step.")
+    max_grad_norm: float = setting(1.0, Float(min=0), "Gradient clipping norm (0 = off).")
+    mixed_precision: str = setting("bf16", Choice(("no", "fp16", "bf16")), "Autocast precision; bf16 needs an Ampere or newer GPU.")
+    gradient_checkpointing: bool = setting(False, Bool(), "Recompute activations in backward to save memory.")
+    seed: int = setting(42, Int(min=0), "Random seed for noise, timesteps, shuffling and augmentation.")
+    loss: str = setting("l2", Choice(("l2", "l1", "huber")), "Loss between prediction and target.")
+    huber_c: float = setting(0.1, Float(min=0, min_open=True), "Huber loss threshold.")
+    min_snr_gamma: float = setting(0.0, Float(min=0), "Min-SNR loss weighting gamma (5 is common; 0 = off).")
+    noise_offset: float = setting(0.0, Float(min=0), "Noise offset for darker/brighter images (0.0357 is common; 0 = off).")
+    min_timestep: int = setting(0, Int(min=0, max=999), "Lowest training timestep.")
+    max_timestep: int = setting(1000, Int(min=1, max=1000), "Highest training timestep (exclusive).")
+    output_dir: str = setting("output", Path("output_dir"), "Folder for adapters, states, samples and the resolved config.")
+    output_name: str | None = setting(None, Str(nonempty=True), "File name stem of saved adapters.",
+                                      default_doc="the config file's name")
+    attention: str = setting("sdpa", Choice(("sdpa", "default")), "Attention implementation: PyTorch SDPA or diffusers' default processor.")
+
+
+@dataclass
+class SaveConfig:
+    every_n_steps: int = setting(0, Int(min=0), "Save the adapter every N steps (0 = off; it is always saved at the end).")
+    every_n_epochs: int = setting(0, Int(min=0), "Save the adapter every N epochs (0 = off).")
+    keep_last: int = setting(0, Int(min=0), "Keep only the newest N intermediate adapters (0 = keep all).")
+    dtype: str = setting("fp16", Choice(("fp16", "bf16", "fp32")), "Precision of saved adapter weights.")
+    state_every_n_steps: int = setting(0, Int(min=0), "Save a resumable training state every N steps (0 = off).")
+    keep_last_states: int = setting(1, Int(min=0), "Keep only the newest N training states (0 = keep all).")
+    verify_targets: list[str] = setting(lambda: list(VERIFY_TARGETS), StrList(VERIFY_TARGETS),
+                                        "Loaders whose key layout the saved file is checked against ([] = skip).")
+
+
+@dataclass
+class SampleConfig:
+    every_n_steps: int = setting(0, Int(min=0), "Render sample images every N steps (0 = off).")
+    prompts: list[str] = setting(list, StrList(), "kohya prompt lines: text with --n negative, --w width, --h height, "
+                                 "--d seed, --l CFG scale, --s steps.")
+    sampler: str = setting("euler_a", Choice(SAMPLERS), "Sampler for sample images.")
+    steps: int = setting(20, Int(min=1), "Sampling steps (a prompt's --s wins).")
+    cfg_scale: float = setting(7.0, Float(min=0), "Classifier-free guidance scale (a prompt's --l wins).")
+    seed: int | None = setting(None, Int(min=0), "Seed of sample images (a prompt's --d wins).", default_doc="train.seed")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = setting(True, Bool(), "Write TensorBoard event files.")
+    log_dir: str | None = setting(None, Path("output_dir"), "Folder for logs.", default_doc="{train.output_dir}/logs")
+    log_every_n_steps: int = setting(10, Int(min=1), "Log loss and learning rate every N steps.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = section(ModelConfig, "Base model.")
+    data: DataConfig = section(DataConfig, "Dataset, buckets and caching.")
+    network: NetworkConfig = section(NetworkConfig, "Adapter type, rank and target layers.")
+    optimizer: OptimizerConfig = section(OptimizerConfig, "Optimizer and learning rates.")
+    scheduler: SchedulerConfig = section(SchedulerConfig, "Learning-rate schedule.")
+    train: TrainConfig = section(TrainConfig, "Training loop.")
+    save: SaveConfig = section(SaveConfig, "Saving adapters and training states.")
+    sample: SampleConfig = section(SampleConfig, "Sample images during training.")
+    log: LogConfig = section(LogConfig, "Logging.")
+
+
+def field_default(f):
+    """A field's default value (calling its factory for mutable defaults)."""
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory()
+
+
+def iter_keys(cls=Config, prefix: str = ""):
+    """Yield (dotted key, field) for every leaf key; subset keys use the index `N`."""
+    for f in fields(cls):
+        kind = f.metadata["kind"]
+        if isinstance(kind, Section):
+            yield from iter_keys(kind.cls, f"{prefix}{f.name}.")
+        elif isinstance(kind, SectionList):
+            yield f"{prefix}{f.name}", f
+            yield from iter_keys(kind.cls, f"{prefix}{f.name}.N.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def default_resolution(arch: str) -> list[int]:
+    """The community default training resolution of a model family, as [width, height]."""
+    side = DEFAULT_RESOLUTION[arch]
+    return [side, side]

@@ -1,0 +1,187 @@
+"""The training plan: what a run will do, worked out before any model weights load (`--dry-run` prints it).
+
+Data: subsets scanned, skipped files listed, bucket table. Steps: batches per epoch, optimizer steps per
+epoch (batches / (processes x accumulation)), total steps. Network: adapted modules and trainable parameters
+per group, from the UNet / text-encoder configs instantiated on the meta device.
+
+The batch stream is continuous over epochs: optimizer step g consumes global batches
+[g·P·A, (g+1)·P·A) for P processes and A accumulation steps; process r takes batch g·P·A + a·P + r at
+accumulation step a. So the position in training is the global step alone, which is what resume stores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdtrain.data.buckets import Bucketing
+from sdtrain.data.captions import CaptionOptions
+from sdtrain.data.dataset import ScannedDataset, SubsetSpec, locate_step, scan_dataset, steps_per_epoch
+
+BUILTIN_ARCH = {"builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl"}
+
+
+def subset_specs(cfg) -> list[SubsetSpec]:
+    """Data-pipeline subset specs from the `[[data.subsets]]` tables."""
+    specs = []
+    for subset in cfg.data.subsets:
+        captions = CaptionOptions(
+            shuffle_tags=subset.shuffle_tags,
+            keep_tokens=subset.keep_tokens,
+            keep_tokens_separator=subset.keep_tokens_separator,
+            tag_separator=subset.tag_separator,
+            caption_dropout=subset.caption_dropout,
+            tag_dropout=subset.tag_dropout,
+            class_caption=subset.class_caption,
+        )
+        specs.append(SubsetSpec(path=subset.path, repeats=subset.repeats, is_reg=subset.is_reg,
+                                caption_extension=subset.caption_extension or cfg.data.caption_extension,
+                                captions=captions, flip=subset.flip))
+    return specs
+
+
+def resolution_of(cfg, arch: str) -> tuple[int, int]:
+    from sdtrain.config import default_resolution
+
+    resolution = cfg.data.resolution
+    if resolution in (None, "auto"):
+        resolution = default_resolution(arch if arch in ("sd15", "sd2", "sdxl") else "sd15")
+    return int(resolution[0]), int(resolution[1])
+
+
+def bucketing_for(cfg, arch: str) -> Bucketing:
+    return Bucketing(resolution=resolution_of(cfg, arch), min_side=cfg.data.min_bucket_side,
+                     max_side=cfg.data.max_bucket_side, step=cfg.data.bucket_step, no_upscale=cfg.data.no_upscale)
+
+
+def _folder_arch(folder: Path) -> str | None:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return None
+    name = json.loads(index.read_text()).get("_class_name", "")
+    if "XL" in name:
+        return "sdxl"
+    unet_config = folder / "unet" / "config.json"
+    if unet_config.is_file() and json.loads(unet_config.read_text()).get("cross_attention_dim") == 1024:
+        return "sd2"
+    return "sd15"
+
+
+def detect_arch(cfg) -> str:
+    """The model family from config, folder or single-file header, without loading weights."""
+    if cfg.model.arch not in (None, "auto"):
+        return cfg.model.arch
+    path = str(cfg.model.path)
+    if path in BUILTIN_ARCH:
+        return BUILTIN_ARCH[path]
+    local = Path(path)
+    if local.is_dir():
+        return _folder_arch(local) or "sd15"
+    if local.is_file() and local.suffix == ".safetensors":
+        from sdtrain.models.single_file import detect_single_file_arch
+
+        return detect_single_file_arch(local)
+    if cfg.model.config_dir:
+        return _folder_arch(Path(cfg.model.config_dir)) or "sd15"
+    return "sdxl" if "xl" in path.lower() else "sd15"
+
+
+def model_configs(cfg, arch: str):
+    """(unet config, [text encoder configs]) without weights, or (None, []) when unknown offline."""
+    path = str(cfg.model.path)
+    if path in BUILTIN_ARCH:
+        from sdtrain.models.tiny import tiny_configs
+
+        return tiny_configs(BUILTIN_ARCH[path])
+    folder = Path(path) if Path(path).is_dir() else (Path(cfg.model.config_dir) if cfg.model.config_dir else None)
+    if folder is None or not (folder / "unet" / "config.json").is_file():
+        return None, []
+    from transformers import CLIPTextConfig
+
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    encoders = [CLIPTextConfig.from_pretrained(folder / name) for name in ("text_encoder", "text_encoder_2")
+                if (folder / name / "config.json").is_file()]
+    return unet, encoders
+
+
+@dataclass
+class TrainingPlan:
+    arch: str
+    dataset: ScannedDataset
+    batch_size: int
+    processes: int
+    accumulation: int
+    batches_per_epoch: int
+    total_steps: int
+    epochs: float
+    network_report: str | None = None
+    trainable_params: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.processes * self.accumulation
+
+    @property
+    def batches_per_step(self) -> int:
+        return self.processes * self.accumulation
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.batches_per_epoch / self.batches_per_step
+
+    def position(self, global_step: int, accumulation_index: int = 0, process_index: int = 0) -> tuple[int, int]:
+        """(epoch, batch index) of the batch a process trains at this step and accumulation index."""
+        batch = global_step * self.batches_per_step + accumulation_index * self.processes + process_index
+        return locate_step(self.dataset.records, self.batch_size, self._seed, batch)
+
+    _seed: int = 0
+
+
+def total_steps_for(cfg, batches_per_epoch: int, batches_per_step: int) -> int:
+    by_epochs = math.ceil(cfg.train.epochs * batches_per_epoch / batches_per_step) if cfg.train.epochs else None
+    limits = [s for s in (cfg.train.max_steps, by_epochs) if s]
+    return min(limits)
+
+
+def make_plan(cfg, processes: int = 1, with_network: bool = True) -> TrainingPlan:
+    """Scan the data and work out steps and the network, without loading model weights."""
+    arch = detect_arch(cfg)
+    dataset = scan_dataset(subset_specs(cfg), bucketing_for(cfg, arch))
+    per_epoch = steps_per_epoch(dataset.records, cfg.train.batch_size, cfg.train.seed)
+    batches_per_step = processes * cfg.train.gradient_accumulation_steps
+    total = total_steps_for(cfg, per_epoch, batches_per_step)
+    plan = TrainingPlan(arch=arch, dataset=dataset, batch_size=cfg.train.batch_size, processes=processes,
+                        accumulation=cfg.train.gradient_accumulation_steps, batches_per_epoch=per_epoch,
+                        total_steps=total, epochs=total * batches_per_step / per_epoch)
+    plan._seed = cfg.train.seed
+    if with_network:
+        unet_config, encoder_configs = model_configs(cfg, arch)
+        if unet_config is None:
+            plan.warnings.append("adapted modules are counted once the model loads (no local UNet config for "
+                                 f"{cfg.model.path}; set model.config_dir to a local diffusers folder to see them now)")
+        else:
+            from sdtrain.adapters.inject import NetworkSpec, count_trainable_params, plan_injection, plan_report
+
+            spec = NetworkSpec.from_config(cfg.network)
+            injection = plan_injection(unet_config, encoder_configs, arch, spec)
+            plan.network_report = plan_report(injection, spec)
+            plan.trainable_params = count_trainable_params(injection, spec)
+            plan.warnings.extend(injection.warnings)
+    return plan
+
+
+def describe_plan(plan: TrainingPlan, cfg) -> str:
+    lines = [f"model: {cfg.model.path} ({plan.arch})", "", "data:", plan.dataset.summary(), ""]
+    lines.append(f"batch: {plan.batch_size} per device x {plan.processes} process(es) x {plan.accumulation} "
+                 f"accumulation = {plan.effective_batch} images per optimizer step")
+    lines.append(f"steps: {plan.batches_per_epoch} batches per epoch = {plan.steps_per_epoch:g} optimizer steps "
+                 f"per epoch; {plan.total_steps} steps in total ({plan.epochs:.2f} epochs)")
+    lines.append(f"network: {cfg.network.type} rank {cfg.network.rank} alpha {cfg.network.alpha:g}, "
+                 f"preset {cfg.network.preset}, axis {cfg.network.decompose_axis}")
+    if plan.network_report:
+        lines.append(plan.network_report)
+    lines.extend(f"warning: {w}" for w in plan.warnings)
+    return "\n".join(lines)
