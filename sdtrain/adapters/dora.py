@@ -36,8 +36,11 @@ __all__ = ["NORM_EPS", "AXES", "DoRAModule", "DoRALinear", "DoRAConv2d", "weight
 AXES = ("output", "input")
 NORM_EPS = 1e-12  # added to the squared channel norm inside the square root
 _SMALL_SCALE = 1e-3  # |m/‖V‖| below this: recompute the pre-scale activations of that channel in backward
-_CHUNK_ELEMS = 1 << 18  # target size of per-chunk temporaries (elements)
-_MIN_CHUNK_ROWS = 256  # matmul chunks never get fewer rows than this (GEMM efficiency)
+_CHUNK_ELEMS = 1 << 18  # elementwise reductions work in chunks of about this many elements
+_MIN_CHUNK = 128  # matmul chunks never get fewer rows/columns than this (GEMM efficiency)
+_FORWARD_CHUNK_ELEMS = 1 << 22  # input-axis forward: scale x in row chunks above this size
+_CONV_WEIGHT_CHUNK = 1 << 22  # frozen convs run in output-channel chunks of ≤ this many weights
+_CONV_GRAD_CHUNKS = 4  # conv input gradients larger than the adapter's weight gradients: this many chunks
 
 
 # ---------------------------------------------------------------- dense helpers (export, verification, tests)
@@ -77,40 +80,47 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _row_slices(rows: int, width: int, min_rows: int = 1):
-    """Slices of `rows` so that each chunk holds about _CHUNK_ELEMS elements (at least `min_rows` rows)."""
-    step = max(min_rows, _CHUNK_ELEMS // max(width, 1), 1)
-    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+def _steps(total: int, step: int) -> list[slice]:
+    step = max(int(step), 1)
+    return [slice(i, min(i + step, total)) for i in range(0, total, step)]
 
 
-def _dot_rows(a: torch.Tensor, b: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-    """Σ over rows of a ⊙ (b − offset) for 2-D [rows, channels] tensors, fp32, in row chunks."""
+def _dot_rows(a: torch.Tensor, b: torch.Tensor, offset: torch.Tensor | None, budget: int) -> torch.Tensor:
+    """Σ over rows of a ⊙ (b − offset) for 2-D [rows, channels] tensors, in fp32.
+
+    Works in row chunks of about `budget` elements so the temporary stays bounded.
+    """
     total = torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
     off = None if offset is None else offset.to(torch.float32)
-    for sl in _row_slices(a.shape[0], a.shape[1]):
+    for sl in _steps(a.shape[0], budget // max(a.shape[1], 1)):
         prod = a[sl] * b[sl].to(torch.float32) if off is None else (b[sl] - off).mul_(a[sl])
         total += prod.sum(0)
+        del prod  # free before the next chunk is allocated
     return total
 
 
-def _scaled_mm(g: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(g ⊙ c) @ w for g [T, out], c [out], w [out, K] without an output-sized temporary.
+def _scaled_mm(g: torch.Tensor, c: torch.Tensor, w: torch.Tensor, budget: int) -> torch.Tensor:
+    """(g ⊙ c) @ w for g [T, out], c [out], w [out, K] with temporaries of about `budget` elements.
 
     Chunks over rows of g when the weight is cheap to re-read (out < 2T), else over the out
-    dimension (each chunk accumulates into the result).
+    dimension, each chunk accumulating into the result; chunks keep ≥ _MIN_CHUNK rows/columns.
     """
     rows, out = g.shape
     cc = c.to(g.dtype)
-    if rows * out <= 2 * _CHUNK_ELEMS:
+    if rows * out <= budget:
         return (g * cc) @ w
-    result = g.new_empty(rows, w.shape[1])
     if out < 2 * rows:
-        for sl in _row_slices(rows, out, _MIN_CHUNK_ROWS):
-            torch.mm(g[sl] * cc, w, out=result[sl])
+        result = g.new_empty(rows, w.shape[1])
+        for sl in _steps(rows, max(_MIN_CHUNK, budget // out)):
+            part = g[sl] * cc
+            torch.mm(part, w, out=result[sl])
+            del part
         return result
-    result.zero_()
-    for sl in _row_slices(out, rows, _MIN_CHUNK_ROWS):
-        result.addmm_(g[:, sl] * cc[sl], w[sl])
+    result = None
+    for sl in _steps(out, max(_MIN_CHUNK, budget // rows)):
+        part = g[:, sl] * cc[sl]
+        result = part @ w[sl] if result is None else result.addmm_(part, w[sl])
+        del part
     return result
 
 
@@ -126,6 +136,9 @@ class _LinearOps:
     def down(self, x, a):
         return x @ a.t()
 
+    def up(self, h, b):
+        return h @ b.t()
+
     def add_up_(self, y, h, b, alpha):
         y.addmm_(h, b.t(), alpha=alpha)
 
@@ -138,8 +151,8 @@ class _LinearOps:
     def up_input_grad(self, g, b):
         return g @ b
 
-    def base_input_grad(self, g, w, x, c=None):
-        return g @ w if c is None else _scaled_mm(g, c, w)
+    def base_input_grad(self, g, w, x, c=None, budget=0):
+        return g @ w if c is None else _scaled_mm(g, c, w, budget)
 
     def down_backward(self, gh, x, a, grad_x, need_a):
         """Adds the down-projection's input gradient into grad_x (if given); returns grad of A."""
@@ -150,20 +163,14 @@ class _LinearOps:
     def up_weight_grad(self, g, h):
         return g.t() @ h
 
-    def out_channel_dot(self, g, y, bias):
-        return _dot_rows(g, y, bias)
-
-    def in_channel_dot(self, x, gx):
-        return _dot_rows(x, gx, None)
+    def channel_dot(self, a, b, offset, budget):
+        """Σ a ⊙ (b − offset) per channel (last dim), fp32."""
+        return _dot_rows(a, b, offset, budget)
 
     def out_view(self, v):
         return v
 
-    def in_view(self, v):
-        return v
-
-    def up(self, h, b):
-        return h @ b.t()
+    in_view = out_view
 
     def recompute(self, x, w, h, b, s, idx):
         """Pre-scale outputs x·W0ᵀ + s·h·Bᵀ of channels idx, [T, len(idx)]."""
@@ -173,15 +180,15 @@ class _LinearOps:
         return t[:, idx]
 
     def scaled_input_forward(self, x, c, w, bias, a):
-        """(x ⊙ c)·W0ᵀ + bias and (x ⊙ c)·Aᵀ, in row chunks."""
+        """(x ⊙ c)·W0ᵀ + bias and (x ⊙ c)·Aᵀ (in row chunks for large x)."""
         rows, width = x.shape
         cc = c.to(x.dtype)
-        if rows * width <= 2 * _CHUNK_ELEMS:
+        if rows * width <= _FORWARD_CHUNK_ELEMS:
             xc = x * cc
             return self.base(xc, w, bias), self.down(xc, a)
         y = x.new_empty(rows, w.shape[0])
         h = x.new_empty(rows, a.shape[0])
-        for sl in _row_slices(rows, width, _MIN_CHUNK_ROWS):
+        for sl in _steps(rows, max(_MIN_CHUNK, _FORWARD_CHUNK_ELEMS // width)):
             xc = x[sl] * cc
             if bias is None:
                 torch.mm(xc, w.t(), out=y[sl])
@@ -189,6 +196,11 @@ class _LinearOps:
                 torch.addmm(bias, xc, w.t(), out=y[sl])
             torch.mm(xc, a.t(), out=h[sl])
         return y, h
+
+    @staticmethod
+    def sizes(x, w, r):
+        """Element counts of the input gradient and of the A and B gradients, for chunk budgets."""
+        return x.numel(), r * (w.shape[0] + w.shape[1])
 
 
 class _ConvOps:
@@ -205,10 +217,26 @@ class _ConvOps:
                                                    list(self.dilation), False, [0, 0], 1, mask)
 
     def base(self, x, w, bias):
-        return self._conv(x, w, bias)
+        """The frozen conv, in output-channel chunks of ≤ _CONV_WEIGHT_CHUNK weights (bounds the backend's
+        reorder of a large weight, e.g. 59 MB for SDXL's 1280-channel 3×3 convs in fp32)."""
+        out = w.shape[0]
+        chunks = -(-w.numel() // _CONV_WEIGHT_CHUNK)
+        if chunks == 1:
+            return self._conv(x, w, bias)
+        y = None
+        for sl in _steps(out, -(-out // chunks)):
+            part = self._conv(x, w[sl], None if bias is None else bias[sl])
+            if y is None:
+                y = part.new_empty(part.shape[0], out, *part.shape[2:])
+            y[:, sl] = part
+            del part
+        return y
 
     def down(self, x, a):
         return self._conv(x, a)
+
+    def up(self, h, b):
+        return F.conv2d(h, b)
 
     def add_up_(self, y, h, b, alpha):
         n, out = y.shape[:2]
@@ -230,10 +258,26 @@ class _ConvOps:
         b2 = b.reshape(out, -1)
         return torch.matmul(b2.t(), g.reshape(n, out, -1)).view(n, b2.shape[1], *g.shape[2:])
 
-    def base_input_grad(self, g, w, x, c=None):
-        if c is not None:
-            g = g * c.to(g.dtype).view(1, -1, 1, 1)
-        return self._backward(g, x, w, [True, False, False])[0]
+    def base_input_grad(self, g, w, x, c=None, budget=0):
+        """Input gradient of the base conv for g (⊙ c), in output-channel chunks.
+
+        Chunks bound the backend's reorders of the weight (≤ _CONV_WEIGHT_CHUNK weights) and of g, and
+        the scaled copy of g: _CONV_GRAD_CHUNKS chunks when g is larger than `budget`. This is as fast
+        as one call on CPU and is used alike for LoRA and DoRA.
+        """
+        out = w.shape[0]
+        chunks = -(-w.numel() // _CONV_WEIGHT_CHUNK)
+        if g.numel() > budget:
+            chunks = max(chunks, _CONV_GRAD_CHUNKS)
+        cc = None if c is None else c.to(g.dtype).view(1, -1, 1, 1)
+        result = None
+        for sl in _steps(out, -(-out // chunks)):
+            part = g[:, sl] if cc is None else g[:, sl] * cc[:, sl]
+            gx = self._backward(part, x, w[sl], [True, False, False])[0]
+            del part
+            result = gx if result is None else result.add_(gx)
+            del gx
+        return result
 
     def down_backward(self, gh, x, a, grad_x, need_a):
         gx, ga, _ = self._backward(gh, x, a, [grad_x is not None, need_a, False])
@@ -247,20 +291,24 @@ class _ConvOps:
         gh = torch.matmul(g.reshape(n, out, -1), h.reshape(n, r, -1).transpose(1, 2)).sum(0)
         return gh.view(out, r, 1, 1)
 
-    def out_channel_dot(self, g, y, bias):
-        return _channel_dot_nchw(g, y, bias)
-
-    def in_channel_dot(self, x, gx):
-        return _channel_dot_nchw(x, gx, None)
+    def channel_dot(self, a, b, offset, budget):
+        """Σ over N, H, W of a ⊙ (b − offset) per channel (dim 1), fp32, in channel chunks."""
+        n, channels = a.shape[:2]
+        total = torch.empty(channels, dtype=torch.float32, device=a.device)
+        off = None if offset is None else offset.to(torch.float32).view(1, -1, 1, 1)
+        for sl in _steps(channels, budget // max(a[:, 0].numel(), 1)):
+            if off is None:
+                prod = a[:, sl] * b[:, sl].to(torch.float32)
+            else:
+                prod = (b[:, sl] - off[:, sl]).mul_(a[:, sl])
+            total[sl] = prod.sum((0, 2, 3))
+            del prod
+        return total
 
     def out_view(self, v):
         return v.view(1, -1, 1, 1)
 
-    def in_view(self, v):
-        return v.view(1, -1, 1, 1)
-
-    def up(self, h, b):
-        return F.conv2d(h, b)
+    in_view = out_view
 
     def recompute(self, x, w, h, b, s, idx):
         z = self._conv(x, w[idx])
@@ -274,27 +322,23 @@ class _ConvOps:
         xc = x * c.to(x.dtype).view(1, -1, 1, 1)
         return self.base(xc, w, bias), self.down(xc, a)
 
-
-def _channel_dot_nchw(a: torch.Tensor, b: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-    """Σ over N, H, W of a ⊙ (b − offset) per channel (dim 1), fp32, in channel chunks."""
-    n, channels = a.shape[:2]
-    per_channel = max(a[0, 0].numel() * n, 1)
-    total = torch.empty(channels, dtype=torch.float32, device=a.device)
-    off = None if offset is None else offset.to(torch.float32).view(1, -1, 1, 1)
-    for sl in _row_slices(channels, per_channel):
-        if off is None:
-            prod = a[:, sl] * b[:, sl].to(torch.float32)
-        else:
-            prod = (b[:, sl] - off[:, sl]).mul_(a[:, sl])
-        total[sl] = prod.sum((0, 2, 3))
-    return total
+    @staticmethod
+    def sizes(x, w, r):
+        """Element counts of the input gradient and of the A and B gradients, for chunk budgets."""
+        return x.numel(), r * (w.shape[0] + w[0].numel())
 
 
 # ---------------------------------------------------------------- autograd Functions (strength 1)
 
 
 class _OutputAxisFn(torch.autograd.Function):
-    """y = c ⊙ (base(x) + s·up(down(x))) + bias; plain LoRA when c is None. Base weight and bias frozen."""
+    """y = c ⊙ (base(x) + s·up(down(x))) + bias; plain LoRA when c is None. Base weight and bias frozen.
+
+    Saves x, x·Aᵀ and (DoRA) the output y; backward recovers the pre-scale activations z as
+    (y − bias) / c for the gradient of c, recomputing channels with |c| < _SMALL_SCALE exactly.
+    Work with temporaries runs first, before the weight gradients exist, and in chunks no larger
+    than those gradients, so the peak stays at plain LoRA's.
+    """
 
     @staticmethod
     def forward(ctx, x, w, bias, a, b, c, s, ops):
@@ -316,33 +360,35 @@ class _OutputAxisFn(torch.autograd.Function):
         ops, s = ctx.ops, ctx.s
         need_x, need_a, need_b, need_c = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         g = g.contiguous()
-        row = _channel_shape("output", b.dim())
-        coef = s if c is None else (s * c).to(b.dtype).view(row)
+        x_size, grads_size = ops.sizes(x, w, a.shape[0])
         grad_x = grad_a = grad_b = grad_c = None
+        if need_c:
+            grad_c = _scale_grad(ops, g, y, bias, c, x, w, h, b, s, min(x_size + grads_size, _CHUNK_ELEMS))
+        coef = s if c is None else (s * c).to(b.dtype).view(_channel_shape("output", b.dim()))
         if need_x or need_a:
             gh = ops.up_input_grad(g, b * coef)
-            grad_x = ops.base_input_grad(g, w, x, c) if need_x else None
+            grad_x = ops.base_input_grad(g, w, x, c, max(grads_size, x_size // 32)) if need_x else None
             grad_a = ops.down_backward(gh, x, a, grad_x, need_a)
         if need_b:
             grad_b = ops.up_weight_grad(g, h).mul_(coef)
-        if need_c:
-            grad_c = _scale_grad(ops, g, y, bias, c, x, w, h, b, s)
         return grad_x, None, None, grad_a, grad_b, grad_c, None, None
 
 
-def _scale_grad(ops, g, y, bias, c, x, w, h, b, s) -> torch.Tensor:
+def _scale_grad(ops, g, y, bias, c, x, w, h, b, s, budget) -> torch.Tensor:
     """Σ g ⊙ z per output channel, z = pre-scale activations = (y − bias) / c (recomputed where c ≈ 0)."""
-    grad_c = ops.out_channel_dot(g, y, bias) / c
+    grad_c = ops.channel_dot(g, y, bias, budget).div_(c)
     small = c.abs() < _SMALL_SCALE
     if bool(small.any()):
         idx = small.nonzero().flatten()
-        z = ops.recompute(x, w, h, b, s, idx)
-        grad_c[idx] = ops.out_channel_dot(ops.take(g, idx), z, None)
+        grad_c[idx] = ops.channel_dot(ops.take(g, idx), ops.recompute(x, w, h, b, s, idx), None, budget)
     return grad_c
 
 
 class _InputAxisFn(torch.autograd.Function):
-    """y = base(x ⊙ c) + s·up(down(x ⊙ c)) + bias, c per input channel. Base weight and bias frozen."""
+    """y = base(x ⊙ c) + s·up(down(x ⊙ c)) + bias, c per input channel. Base weight and bias frozen.
+
+    Saves what plain LoRA saves (x, x·Aᵀ); x ⊙ c is recomputed where needed.
+    """
 
     @staticmethod
     def forward(ctx, x, w, bias, a, b, c, s, ops):
@@ -358,17 +404,22 @@ class _InputAxisFn(torch.autograd.Function):
         ops, s = ctx.ops, ctx.s
         need_x, need_a, need_b, need_c = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         g = g.contiguous()
+        x_size, grads_size = ops.sizes(x, w, a.shape[0])
         grad_x = grad_a = grad_b = grad_c = None
         if need_x or need_a or need_c:
             gh = ops.up_input_grad(g, b * s)
-            gxc = ops.base_input_grad(g, w, x) if (need_x or need_c) else None
-            grad_a = ops.down_backward(gh, x, a, gxc, need_a)
-            if grad_a is not None:
-                grad_a.mul_(c.to(grad_a.dtype).view(_channel_shape("input", grad_a.dim())))
+            budget = max(grads_size, x_size // 32)
+            grad_xc = ops.base_input_grad(g, w, x, None, budget) if (need_x or need_c) else None
+            if grad_xc is not None:
+                ops.down_backward(gh, x, a, grad_xc, False)
             if need_c:
-                grad_c = ops.in_channel_dot(x, gxc)
+                grad_c = ops.channel_dot(x, grad_xc, None, budget)
             if need_x:
-                grad_x = gxc.mul_(ops.in_view(c))
+                grad_x = grad_xc.mul_(ops.in_view(c))
+            del grad_xc
+            if need_a:
+                grad_a = ops.down_backward(gh, x, a, None, True)
+                grad_a.mul_(c.to(grad_a.dtype).view(_channel_shape("input", grad_a.dim())))
         if need_b:
             grad_b = ops.up_weight_grad(g, h).mul_(s)
         return grad_x, None, None, grad_a, grad_b, grad_c, None, None
@@ -518,30 +569,49 @@ class DoRAModule(nn.Module):
         self._norm_key = None
 
     def norm_squared(self) -> torch.Tensor:
-        """‖V‖² per channel on the axis via the low-rank identity (fp32, ≥ 0, differentiable in A and B)."""
-        w0 = self.original_weight().detach().to(torch.float32)
-        w0 = w0.reshape(w0.shape[0], -1)
+        """‖V‖² per channel on the axis via the low-rank identity (fp32, ≥ 0, differentiable in A and B).
+
+        Costs one r-column product with W0 (out·in·kh·kw·r multiply-adds) and rank-sized products;
+        the dense V is never formed.
+        """
+        w0 = self.original_weight().detach()
+        shape = w0.shape
+        w0 = w0.to(torch.float32).reshape(shape[0], -1)
         a = self.lora_down.weight.to(torch.float32).reshape(self.rank, -1)
-        b = self.lora_up.weight.to(torch.float32).reshape(w0.shape[0], self.rank)
+        b = self.lora_up.weight.to(torch.float32).reshape(shape[0], self.rank)
         s = self.scale
+        in_place = not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
         if self.axis == "output":
-            cross = w0 @ a.t()  # [out, r]
-            lowrank = (b * (cross.mul(2 * s) + (b @ (a @ a.t())).mul(s * s))).sum(1)
+            # t = 2s·W0·Aᵀ + s²·B·(A·Aᵀ), [out, r]; ‖V‖²_row − ‖W0‖²_row = rowdot(t, B)
+            left, right, gram, dim = w0 @ a.t(), b, a @ a.t(), 1
         else:
-            cross = b.t() @ w0  # [r, in·kh·kw]
-            lowrank = (a * (cross.mul(2 * s) + ((b.t() @ b) @ a).mul(s * s))).sum(0)
-            lowrank = lowrank.view(self.original_weight().shape[1], -1).sum(1)
-        return (self.base_norm_squared() + lowrank).clamp_min(0)
+            # t = 2s·Bᵀ·W0 + s²·(Bᵀ·B)·A, [r, in·kh·kw]; ‖V‖²_col − ‖W0‖²_col = coldot(t, A)
+            left, right, gram, dim = b.t() @ w0, a, b.t() @ b, 0
+        if in_place:
+            t = (left.addmm_(b, gram, beta=2 * s, alpha=s * s) if dim == 1
+                 else left.addmm_(gram, a, beta=2 * s, alpha=s * s))
+            low = t.mul_(right).sum(dim)
+        else:
+            t = (torch.addmm(left, b, gram, beta=2 * s, alpha=s * s) if dim == 1
+                 else torch.addmm(left, gram, a, beta=2 * s, alpha=s * s))
+            low = (t * right).sum(dim)
+        if dim == 0 and len(shape) > 2:
+            low = low.view(shape[1], -1).sum(1)
+        base = self.base_norm_squared()
+        return low.add_(base).clamp_min_(0) if in_place else (low + base).clamp_min(0)
+
+    def _channel_scale(self) -> torch.Tensor:
+        if self.detach_norm:
+            with torch.no_grad():
+                inv = self.norm_squared().add_(NORM_EPS).rsqrt_()
+        else:
+            inv = (self.norm_squared() + NORM_EPS).rsqrt()
+        return self.magnitude * inv
 
     def channel_scale(self) -> torch.Tensor:
-        """c = m / ‖V‖ per channel (fp32); ‖V‖ is detached from the graph when detach_norm."""
+        """c = m / ‖V‖ per channel (fp32, ‖V‖ = sqrt(‖V‖² + NORM_EPS)), ‖V‖ detached when detach_norm."""
         with torch.autocast(self.base.weight.device.type, enabled=False):
-            if self.detach_norm:
-                with torch.no_grad():
-                    inv = (self.norm_squared() + NORM_EPS).rsqrt()
-            else:
-                inv = (self.norm_squared() + NORM_EPS).rsqrt()
-            return self.magnitude * inv
+            return self._channel_scale()
 
     # -- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -565,7 +635,7 @@ class DoRAModule(nn.Module):
             if frozen:
                 return _OutputAxisFn.apply(x, w, bias, a, b, None, k * self.scale, self._ops())
             return self._composite(x, w, bias, a, b, None, k)
-        c = self.channel_scale()
+        c = self._channel_scale()
         if frozen and k == 1.0:
             fn = _OutputAxisFn if self.axis == "output" else _InputAxisFn
             return fn.apply(x, w, bias, a, b, c, self.scale, self._ops())

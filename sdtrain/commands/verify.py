@@ -12,17 +12,18 @@ from pathlib import Path
 
 NAME = "verify"
 HELP = "Check that an adapter file merges in ComfyUI / A1111 / LyCORIS exactly as sdtrain trained it."
+# the loaders of sdtrain.export.verify.LOADERS, listed here so that building the CLI parser needs no torch import
+TARGETS = ("comfyui", "comfyui-fixed", "a1111", "a1111-1.9", "lycoris", "diffusers")
+DEFAULT_TARGETS = ("comfyui", "a1111")
 
 
 def add_arguments(parser):
-    from sdtrain.export.verify import DEFAULT_TARGETS, LOADERS
-
     parser.add_argument("adapter", help="adapter .safetensors file")
     parser.add_argument("--base", required=True,
                         help='base model: builtin:tiny-sd15 / builtin:tiny-sdxl, a diffusers folder, a .safetensors '
                              'checkpoint or a hub id (as model.path)')
     parser.add_argument("--target", default=",".join(DEFAULT_TARGETS),
-                        help=f"loaders that must apply the file (comma-separated: {', '.join(LOADERS)}, or all); "
+                        help=f"loaders that must apply the file (comma-separated: {', '.join(TARGETS)}, or all); "
                              f"default {','.join(DEFAULT_TARGETS)}. Every loader is reported either way")
     parser.add_argument("--strength", type=float, default=1.0, help="LoRA strength / multiplier to check (default 1)")
     parser.add_argument("--config-dir", default=None,

@@ -132,18 +132,19 @@ class AdapterFile:
 
     @property
     def arch(self) -> str | None:
-        """"sdxl" / "sd15" from `ss_base_model_version`, else from the names (te1/te2 → sdxl), else None."""
+        """"sdxl" / "sd2" / "sd15" from the metadata, else from the UNet / text-encoder names, else None."""
         version = self.metadata.get("ss_base_model_version", "")
         if version.startswith("sdxl_"):
             return "sdxl"
-        if version.startswith("sd_v1") or version.startswith("sd_"):
-            return "sd15" if not version.startswith("sd_v2") else None
+        if version.startswith("sd_v2") or self.metadata.get("ss_v2") == "True":
+            return "sd2"
+        if version.startswith("sd_v1"):
+            return "sd15"
         names = self.modules.keys()
-        if any(n.startswith(("lora_te1_", "lora_te2_")) for n in names):
+        # UNet names first: SD1.5 files use diffusers paths, SDXL files LDM/SGM paths
+        if any(n.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_te2_")) for n in names):
             return "sdxl"
-        if any(n.startswith("lora_unet_input_blocks_") for n in names):
-            return "sdxl"
-        if any(n.startswith(("lora_unet_down_blocks_", "lora_te_")) for n in names):
+        if any(n.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_te_")) for n in names):
             return "sd15"
         return None
 
@@ -159,10 +160,11 @@ class AdapterFile:
         return md.training_alpha(self.metadata)
 
     def groups(self) -> dict[str, list[str]]:
-        result: dict[str, list[str]] = {}
+        """Module names per group, in the order unet, te1, te2 (then anything unrecognised)."""
+        result: dict[str, list[str]] = {group: [] for group in ("unet", "te1", "te2")}
         for name, module in self.modules.items():
             result.setdefault(module.group or "?", []).append(name)
-        return result
+        return {group: names for group, names in result.items() if names}
 
 
 # ---------------------------------------------------------------- writing
@@ -480,8 +482,8 @@ def file_network_spec(adapter_file: AdapterFile, *, detach_norm: bool = True):
 
 
 def canonical_name(arch: str | None, name: str) -> str:
-    """The kohya name sdtrain uses for a file's module name (SD1.5's one encoder is `lora_te_`, not `lora_te1_`)."""
-    if arch == "sd15" and name.startswith("lora_te1_"):
+    """The kohya name sdtrain uses for a file's module name (SD1/SD2's one encoder is `lora_te_`, not `lora_te1_`)."""
+    if arch in ("sd15", "sd2") and name.startswith("lora_te1_"):
         return "lora_te_" + name[len("lora_te1_"):]
     return name
 

@@ -23,9 +23,9 @@ import datetime as _dt
 import hashlib
 import json
 
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
-MODELSPEC_IMPL = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+MODELSPEC_IMPL = {"sd15": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
 NETWORK_MODULE = "lycoris.kohya"
 LEGACY_OFFSET = 0x100000
 LEGACY_LENGTH = 0x10000
@@ -139,7 +139,7 @@ def build_metadata(
     alpha = _spec_get(spec, "alpha", rank)
     meta: dict[str, str] = {
         "ss_base_model_version": BASE_MODEL_VERSION[arch],
-        "ss_v2": "False",
+        "ss_v2": str(arch == "sd2"),
         "ss_network_module": NETWORK_MODULE,
         "ss_network_args": json.dumps(network_args(spec)),
         "ss_output_name": output_name,
@@ -166,12 +166,14 @@ def build_metadata(
 
     date = _dt.datetime.fromtimestamp(_timestamp(finished_at), _dt.timezone.utc) if finished_at is not None \
         else _dt.datetime.now(_dt.timezone.utc)
+    v_prediction = prediction_type in ("v", "v_prediction")
+    spec_arch = "stable-diffusion-v2-768-v" if arch == "sd2" and v_prediction else MODELSPEC_ARCH[arch]
     meta.update({
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{MODELSPEC_ARCH[arch]}/lora",
+        "modelspec.architecture": f"{spec_arch}/lora",
         "modelspec.implementation": MODELSPEC_IMPL[arch],
         "modelspec.title": title or output_name,
-        "modelspec.prediction_type": "v" if prediction_type in ("v", "v_prediction") else "epsilon",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
         "modelspec.date": date.replace(microsecond=0).isoformat(),
     })
     if pair:

@@ -143,12 +143,9 @@ def lycoris(w0, down, up, alpha, dora_scale, strength: float = 1.0) -> torch.Ten
     if dora_scale is None:
         return w0 + (strength * scale) * delta
     merged = w0 + scale * delta
-    if lycoris_axis(dora_scale, w0.shape) == "output":
-        norm = output_axis_norm(merged)
-        magnitude = dora_scale.to(torch.float32).reshape(norm.shape)
-    else:
-        norm = input_axis_norm(merged)
-        magnitude = dora_scale.to(torch.float32).reshape(norm.shape)
+    output = lycoris_axis(dora_scale, w0.shape) == "output"
+    norm = output_axis_norm(merged) if output else input_axis_norm(merged)
+    magnitude = dora_scale.to(torch.float32).reshape(norm.shape)
     ratio = magnitude / (norm + FP32_EPS)
     if strength != 1.0:
         ratio = strength * (ratio - 1) + 1

@@ -6,7 +6,7 @@ Relative error of a module = max |W_loader − W_sdtrain| / max |W_sdtrain|; a l
 largest over its modules.
 
 Verdicts: "incompatible" when the loader cannot apply the file as trained (an axis it does not
-support, a module it cannot rebuild, adapter keys the base checkpoint does not have, or an error
+support, DoRA at all for diffusers, a module it cannot rebuild, adapter keys the base checkpoint does not have, or an error
 above 50%); "exact" when the error is within the loader's compute precision (1e-5 for fp32 rules,
 4e-3 for A1111's fp16); "approximate" otherwise.
 """
@@ -98,6 +98,7 @@ class VerifyReport:
     coverage: KeyCoverage
     results: list[LoaderResult]
     requested: list[str]
+    notes: list[str] = field(default_factory=list)
 
     def result(self, target: str) -> LoaderResult:
         return next(r for r in self.results if r.target == target)
@@ -115,6 +116,7 @@ class VerifyReport:
             f"modules  {self.coverage.total} ({len(self.coverage.matched)} map to base checkpoint keys), "
             f"DoRA axis: {self.axis or 'none (plain LoRA)'}, strength {self.strength:g}",
         ]
+        lines += [f"note     {note}" for note in self.notes]
         for name, reason in list(self.coverage.unmatched.items())[:5]:
             lines.append(f"  unmatched {name}: {reason}")
         if len(self.coverage.unmatched) > 5:
@@ -230,8 +232,8 @@ def compare_loaders(adapter_file, modules: dict, *, targets=None, strength: floa
                 worst, worst_name = error, name
         if not names:
             worst = math.nan
-        unsupported = bool(axis) and loader.target != "diffusers" and (
-            axis == "mixed" and len(loader.axes) < 2 or axis != "mixed" and axis not in loader.axes)
+        unsupported = bool(axis) and (axis == "mixed" and len(loader.axes) < 2
+                                      or axis != "mixed" and axis not in loader.axes)
         if unmatched_keys or failures or unsupported or not names or worst > INCOMPATIBLE_ABOVE:
             verdict = "incompatible"
         elif worst <= loader.exact_tol:
@@ -382,8 +384,11 @@ def verify_adapter(adapter_file, base, *, targets=None, strength: float = 1.0, b
     modules = file_modules_on_layers(adapter_file, layers)
     results = compare_loaders(adapter_file, modules, targets=list(LOADERS), strength=strength, coverage=coverage)
     label = base_label or str(getattr(base, "source", None) or getattr(base, "path", None) or arch)
+    notes = []
+    if adapter_file.arch and adapter_file.arch != arch:
+        notes.append(f"the adapter was trained on {adapter_file.arch}, the base is {arch}")
     return VerifyReport(str(adapter_file.path or "adapter"), label, arch, adapter_file.axis, strength,
-                        coverage, results, requested)
+                        coverage, results, requested, notes)
 
 
 @torch.no_grad()

@@ -130,7 +130,7 @@ def _block_map(structure: tuple) -> tuple:
             blocks[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{k}.0.op", _LEAF)
             k += 1
     if mid_type != "UNetMidBlock2DCrossAttn":
-        raise ValueError(f"unsupported UNet mid block {mid_type!r}: only UNetMidBlock2DCrossAttn has an LDM layout here")
+        raise ValueError(f"unsupported UNet mid block {mid_type!r}: only UNetMidBlock2DCrossAttn is mapped to LDM")
     blocks["mid_block.resnets.0"] = ("middle_block.0", _RESNET)
     blocks["mid_block.attentions.0"] = ("middle_block.1", _ATTENTION)
     blocks["mid_block.resnets.1"] = ("middle_block.2", _RESNET)

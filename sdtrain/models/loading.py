@@ -46,7 +46,11 @@ OFFLINE_SINGLE_FILE = (
     "(e.g. a saved SDXL base)"
 )
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_PIPELINE_CLASSES = {"sd15": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+_PIPELINE_CLASSES = {
+    "sd15": "StableDiffusionPipeline",
+    "sd2": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+}
 
 
 @dataclass
@@ -108,14 +112,23 @@ def _weights_variant(subdir: Path) -> str | None:
     return "fp16" if names else None
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{path} is missing or not valid JSON ({exc}); is {path.parent} a complete diffusers folder?"
+        ) from exc
+
+
 def _folder_arch(folder: Path) -> str:
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    index = _read_json(folder / "model_index.json")
     components = {k for k, v in index.items() if isinstance(v, list) and v and v[0]}
     if {"unet", "vae", "text_encoder", "text_encoder_2"} <= components:
         return "sdxl"
     if {"unet", "vae", "text_encoder"} <= components:
-        unet_cfg = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-        te_cfg = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+        unet_cfg = _read_json(folder / "unet" / "config.json")
+        te_cfg = _read_json(folder / "text_encoder" / "config.json")
         if unet_cfg.get("cross_attention_dim") == 1024 or te_cfg.get("hidden_act") == "gelu":
             return "sd2"
         return "sd15"
@@ -214,7 +227,8 @@ def _load_single_file(path: Path, arch: str, config_dir, allow_pickle: bool, dty
         config_dir = Path(config_dir).expanduser()
         if not (config_dir / "model_index.json").is_file():
             raise ModelLoadError(
-                f"model.config_dir = {config_dir} is not a diffusers folder (no model_index.json); {OFFLINE_SINGLE_FILE}"
+                f"model.config_dir = {config_dir} is not a diffusers folder (no model_index.json); "
+                + OFFLINE_SINGLE_FILE
             )
         config_arch = _folder_arch(config_dir)
         if config_arch != arch:
@@ -295,7 +309,8 @@ def _load_vae(spec, base_vae_config, allow_pickle: bool, offline: bool):
             if (path / "config.json").is_file():
                 return AutoencoderKL.from_pretrained(str(path), local_files_only=True), f"VAE folder {path}"
             if (path / "vae" / "config.json").is_file():
-                return AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True), f"VAE of {path}"
+                vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True)
+                return vae, f"VAE of {path}"
             raise ModelLoadError(f"model.vae: {path} has neither config.json nor vae/config.json")
         if path.is_file():
             return load_vae_file(path, base_vae_config, allow_pickle), f"VAE file {path}"
@@ -353,6 +368,8 @@ def load_base(
     if arch not in ("auto",) + ARCHS:
         raise ConfigError(f"model.arch = {arch!r} is not one of auto, sd15, sd2, sdxl")
     offline = is_offline(local_files_only)
+    vae = vae or None  # "" from a config means "not set"
+    config_dir = config_dir or None
     text = str(path)
     fs_path = Path(text).expanduser()
     if text.startswith("builtin:"):
@@ -411,7 +428,9 @@ def load_base(
     )
 
 
-def load_base_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False, **load_kwargs) -> dict[str, torch.Tensor]:
+def load_base_state_dict(
+    path: str | os.PathLike, *, allow_pickle: bool = False, **load_kwargs
+) -> dict[str, torch.Tensor]:
     """Base model weights in the single-file (LDM/SGM) layout, whatever the source.
 
     A single file is read as is; folders, hub ids and built-ins are loaded and converted.

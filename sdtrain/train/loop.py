@@ -36,6 +36,7 @@ class TrainResult:
     saved: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # one per optimizer step, from the resumed step on
     samples: list[Path] = field(default_factory=list)
+    seen: list = field(default_factory=list)  # (epoch, [record index, ...]) per batch this process trained
     verify_summary: str = ""
     verify_report: object = None
     steps: int = 0
@@ -200,6 +201,9 @@ class Trainer:
         self.models = list(prepared[:-1])
         self.optimizer = prepared[-1]
         self.unet = self.models[0]
+        from sdtrain.train.state import install_hooks
+
+        install_hooks(self)
 
     # ------------------------------------------------------------------ one step
 
@@ -265,6 +269,7 @@ class Trainer:
             global_batch = step * plan.batches_per_step + a * plan.processes + accelerator.process_index
             epoch, index = plan.position(step, a, accelerator.process_index)
             keys = self.epoch_batches(epoch)[index]
+            self.result.seen.append((epoch, [key.record for key in keys]))
             last = a == plan.accumulation - 1
             context = accelerator.no_sync(self.unet) if not last and plan.processes > 1 else _nullcontext()
             with context:
@@ -355,7 +360,10 @@ class Trainer:
         prompts = []
         for line in cfg.sample.prompts:
             parsed = parse_prompt_line(line)
-            defaults = {"steps": cfg.sample.steps, "cfg": cfg.sample.cfg_scale, "seed": cfg.sample.seed}
+            width, height = self.plan.dataset.bucketing.resolution if isinstance(
+                self.plan.dataset.bucketing.resolution, tuple) else (self.plan.dataset.bucketing.resolution,) * 2
+            defaults = {"steps": cfg.sample.steps, "cfg": cfg.sample.cfg_scale, "seed": cfg.sample.seed,
+                        "width": width, "height": height}
             prompts.append({k: v for k, v in {**defaults, **{k: v for k, v in parsed.items() if v is not None}}.items()
                             if v is not None})
         unet = self.accelerator.unwrap_model(self.unet)
@@ -388,6 +396,7 @@ class Trainer:
 
             self.global_step = load_training_state(self, self.resume)
             self.say(f"resumed at step {self.global_step}")
+        self.loss_log = LossLog(self.output_dir / "loss_log.csv", keep_until=self.global_step, enabled=self.is_main)
         if cfg.log.tensorboard:
             accelerator.init_trackers("sdtrain")
         bar = tqdm(total=plan.total_steps, initial=self.global_step, disable=not self.is_main or self.quiet,
@@ -400,6 +409,7 @@ class Trainer:
                 self.global_step = step + 1
                 self.result.losses.append(loss)
                 lr = self.lr_scheduler.get_last_lr()[0]
+                self.loss_log.write(self.global_step, loss, lr)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 if cfg.log.tensorboard and self.global_step % cfg.log.log_every_n_steps == 0:
@@ -437,7 +447,7 @@ class Trainer:
                 self.save_adapter(step)
         if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0:
             self.sample(step)
-        if cfg.save.state_every_n_steps and step % cfg.save.state_every_n_steps == 0 and not done:
+        if cfg.save.state_every_n_steps and (step % cfg.save.state_every_n_steps == 0 or done):
             from sdtrain.train.state import save_training_state
 
             save_training_state(self)
@@ -453,6 +463,25 @@ class Trainer:
             self.say(f"interrupted at step {self.global_step}; state saved to {path} (resume with --resume latest)")
         saved = self.save_adapter(self.global_step)
         self.say(f"adapter so far saved to {saved}")
+
+
+class LossLog:
+    """`loss_log.csv`: step, loss, learning rate per optimizer step; a resumed run keeps the rows up to its
+    start step and continues the file, so an interrupted and resumed run leaves the same log as a straight one."""
+
+    def __init__(self, path: Path, keep_until: int = 0, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if keep_until and path.is_file():
+            kept = [line for line in path.read_text().splitlines()[1:] if int(line.split(",")[0]) <= keep_until]
+        path.write_text("step,loss,lr\n" + "".join(line + "\n" for line in kept))
+
+    def write(self, step: int, loss: float, lr: float) -> None:
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(f"{step},{loss!r},{lr!r}\n")
 
 
 class _nullcontext:

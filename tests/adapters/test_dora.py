@@ -20,6 +20,8 @@ LAYERS = {
     "conv3x3_s2_p1": (lambda: nn.Conv2d(5, 7, 3, stride=2, padding=1), (2, 5, 9, 8)),
     "conv3x3_dil2": (lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2), (1, 4, 7, 7)),
     "conv1x1": (lambda: nn.Conv2d(6, 5, 1), (2, 6, 4, 5)),
+    "linear_nobias": (lambda: nn.Linear(8, 9, bias=False), (6, 8)),
+    "conv_nobias": (lambda: nn.Conv2d(3, 4, 3, padding=1, bias=False), (1, 3, 5, 5)),
 }
 
 
@@ -129,8 +131,9 @@ def test_strength_matches_naive_blend(name, axis, strength):
 @pytest.mark.parametrize("name", ["linear", "conv3x3_s2_p1"])
 def test_chunked_paths_match_naive(name, axis, monkeypatch):
     """Tiny chunk sizes exercise the row/channel-chunked backward and forward code."""
-    monkeypatch.setattr(dora, "_CHUNK_ELEMS", 8)
-    monkeypatch.setattr(dora, "_MIN_CHUNK_ROWS", 2)
+    for constant, value in [("_CHUNK_ELEMS", 8), ("_MIN_CHUNK", 2), ("_FORWARD_CHUNK_ELEMS", 8),
+                            ("_CONV_WEIGHT_CHUNK", 50)]:
+        monkeypatch.setattr(dora, constant, value)
     module, x = make(name, axis=axis)
     check_against_naive(module, x)
     # wide output (out >= 2·rows): the out-dimension chunking of (g ⊙ c) @ W0
@@ -139,6 +142,12 @@ def test_chunked_paths_match_naive(name, axis, monkeypatch):
     with torch.no_grad():
         wide.lora_up.weight.normal_(0, 0.3)
     check_against_naive(wide, torch.randn(5, 6))
+
+
+@pytest.mark.parametrize("axis", ["output", "input"])
+def test_channels_last_conv_input(axis):
+    module, x = make("conv3x3_s2_p1", axis=axis)
+    check_against_naive(module, x.to(memory_format=torch.channels_last))
 
 
 @pytest.mark.parametrize("name", ["linear", "conv3x3_s2_p1"])

@@ -4,7 +4,6 @@ diffusers' `from_single_file` has an independent LDM → diffusers converter: lo
 back every parameter of the original pipeline unchanged.
 """
 
-import os
 
 import pytest
 import torch

@@ -1,0 +1,103 @@
+"""`sdtrain merge`: the baked model, loaded back by diffusers, reproduces the adapter's outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdtrain.adapters.inject import NetworkSpec, inject_adapters
+from sdtrain.cli import main
+from sdtrain.export.adapter_file import adapters_from_file, load_adapter, save_adapter
+from sdtrain.models.tiny import build_tiny_pipeline, save_tiny_pipeline
+
+CONVS = "re:(down_blocks_0_resnets_0_conv1|input_blocks_1_0_in_layers_2)$"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def encoders(pipe):
+    return [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+
+
+@torch.no_grad()
+def outputs(pipe, arch):
+    gen = torch.Generator().manual_seed(0)
+    unet = pipe.unet
+    context = torch.randn(1, 8, unet.config.cross_attention_dim, generator=gen)
+    kwargs = {}
+    if arch == "sdxl":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pipe.text_encoder_2.config.projection_dim, generator=gen),
+                                       "time_ids": torch.randn(1, 6, generator=gen)}
+    result = [unet(torch.randn(1, 4, 16, 16, generator=gen), 10, context, **kwargs).sample]
+    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407, 49407]])
+    return result + [te(ids).last_hidden_state for te in encoders(pipe)]
+
+
+def adapter(tmp_path, arch, axis):
+    pipe = build_tiny_pipeline(arch, seed=0)
+    spec = NetworkSpec(rank=4, alpha=3.0, decompose_axis=axis, preset="attn", include=[CONVS], train_text_encoder=True)
+    adapters = inject_adapters(pipe.unet, encoders(pipe), arch, spec)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for module in adapters.modules.values():
+            module.lora_up.weight.normal_(0, 0.05)
+            module.magnitude.mul_(1 + 0.1 * torch.randn_like(module.magnitude))
+    return save_adapter(adapters, tmp_path / f"{arch}.safetensors", dtype="fp32")
+
+
+def expected_outputs(path, arch, strength=1.0):
+    """Base + adapter through sdtrain's own adapter modules (not merged)."""
+    pipe = build_tiny_pipeline(arch, seed=0)
+    adapters, _ = adapters_from_file(load_adapter(path), pipe.unet, encoders(pipe), arch)
+    adapters.set_multiplier(strength)
+    return outputs(pipe, arch), outputs(build_tiny_pipeline(arch, seed=0), arch)
+
+
+def assert_reproduces(got, want, base):
+    for g, w, b in zip(got, want, base):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+        assert (w - b).abs().max() > 100 * (g - w).abs().max()  # the adapter's effect is there, not the base
+
+
+def test_merge_to_diffusers_folder(tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    path = adapter(tmp_path, "sd15", "input")
+    out = tmp_path / "merged"
+    assert main(["merge", str(path), "--base", "builtin:tiny-sd15", "--out", str(out), "--dtype", "fp32"]) == 0
+    assert "merged" in capsys.readouterr().out
+    loaded = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    want, base = expected_outputs(path, "sd15")
+    assert_reproduces(outputs(loaded, "sd15"), want, base)
+    # refuses to overwrite unless asked
+    assert main(["merge", str(path), "--base", "builtin:tiny-sd15", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["merge", str(path), "--base", "builtin:tiny-sd15", "--out", str(out), "--dtype", "fp32",
+                 "--strength", "0.5", "--overwrite"]) == 0
+    half = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    want_half, _ = expected_outputs(path, "sd15", strength=0.5)
+    assert_reproduces(outputs(half, "sd15"), want_half, base)
+
+
+def test_merge_to_single_file(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    path = adapter(tmp_path, "sdxl", "output")
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", str(path), "--base", "builtin:tiny-sdxl", "--out", str(out), "--dtype", "fp32"]) == 0
+    config = save_tiny_pipeline("sdxl", tmp_path / "config")
+    loaded = StableDiffusionXLPipeline.from_single_file(str(out), config=str(config), local_files_only=True)
+    want, base = expected_outputs(path, "sdxl")
+    assert_reproduces(outputs(loaded, "sdxl"), want, base)
+
+
+def test_merge_into_the_wrong_base_fails(tmp_path, capsys):
+    path = adapter(tmp_path, "sd15", "input")
+    assert main(["merge", str(path), "--base", "builtin:tiny-sdxl", "--out", str(tmp_path / "x")]) == 2
+    assert "have no layer in this sdxl base" in capsys.readouterr().err
