@@ -43,15 +43,19 @@ QUICK_SHAPES = {
     "quick linear 64 x256": ("linear", 64, 64, 256),
     "quick conv 32 @16²": ("conv", 32, 32, (16, 16)),
 }
-VARIANTS = ("plain", "lora", "dora-out", "dora-in", "peft-dora")
+VARIANTS = ("plain", "lora", "dora-out", "dora-in", "dora-out-autograd", "peft-dora")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 32])
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median), at least")
+    p.add_argument("--min-time", type=float, default=1.0,
+                   help="raise the repeats of fast shapes so each variant is timed for about this many seconds")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="process: CPU time of this process (robust on a shared CPU with --threads 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="base weights and activations; non-fp32 runs under autocast, adapters stay fp32")
@@ -85,6 +89,7 @@ def build_variant(variant, base, rank):
         cls = DoRALinear if isinstance(base, nn.Linear) else DoRAConv2d
         axis = "input" if variant == "dora-in" else "output"
         module = cls(base, rank, float(rank), decompose=variant.startswith("dora"), axis=axis)
+        module.fused = not variant.endswith("-autograd")  # -autograd: same math in plain autograd ops
         up = module.lora_up.weight
     with torch.no_grad():
         up.normal_(0, 1e-3)
@@ -112,14 +117,14 @@ def step(module, x, grad, amp):
     y.backward(grad.to(y.dtype))
 
 
-def timed(module, x, grad, amp, device):
+def timed(module, x, grad, amp, device, clock=time.perf_counter):
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     step(module, x, grad, amp)
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def peak_memory(module, x, grad, amp, device):
@@ -165,8 +170,9 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = args.device, getattr(torch, args.dtype)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     if args.quick:
-        shapes, args.repeats, args.warmup, args.ranks = QUICK_SHAPES, 1, 1, args.ranks[:1]
+        shapes, args.repeats, args.warmup, args.min_time, args.ranks = QUICK_SHAPES, 1, 1, 0.0, args.ranks[:1]
     else:
         shapes = {k: v for k, v in SHAPES.items() if not args.shapes or any(s in k for s in args.shapes)}
     variants = list(args.variants)
@@ -185,18 +191,22 @@ def run(args):
         x, grad = make_input(kind, fan_in, out, size, device, dtype)
         for rank in args.ranks:
             modules = {v: build_variant(v, base, rank) for v in variants}
+            slowest = 0.0
             for _ in range(args.warmup):
                 for v in variants:
-                    step(modules[v], x, grad, amp)
+                    slowest = max(slowest, timed(modules[v], x, grad, amp, device, clock))
+            repeats = args.repeats
+            if slowest > 0:
+                repeats = max(repeats, min(200, math.ceil(args.min_time / slowest)))
             times = {v: [] for v in variants}
-            for r in range(args.repeats):
+            for r in range(repeats):
                 order = variants[r % len(variants):] + variants[: r % len(variants)]
                 for v in order:
-                    times[v].append(timed(modules[v], x, grad, amp, device))
+                    times[v].append(timed(modules[v], x, grad, amp, device, clock))
             for v in variants:
                 mem = float("nan") if args.no_memory else peak_memory(modules[v], x, grad, amp, device)
                 results.append((name, rank, v, statistics.median(times[v]), mem))
-                print(f"  {name:26s} r={rank:<3d} {v:10s} {1e3 * results[-1][3]:9.1f} ms "
+                print(f"  {name:26s} r={rank:<3d} {v:10s} x{repeats:<4d} {1e3 * results[-1][3]:9.1f} ms "
                       f"{results[-1][4] / 2**20:9.1f} MiB", file=sys.stderr, flush=True)
             del modules
     return variants, results
@@ -240,8 +250,8 @@ def main(argv=None):
     variants, results = run(args)
     ranks = args.ranks
     print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, threads {torch.get_num_threads()}, "
-          f"repeats {args.repeats}, warmup {args.warmup}\n")
-    print("Forward+backward time (median):\n")
+          f"repeats {args.repeats} (min time {args.min_time:g} s), warmup {args.warmup}, clock {args.clock}\n")
+    print(f"Forward+backward time (median, {'CPU time of the process' if args.clock == 'process' else 'wall clock'}):\n")
     print(table(variants, results, ranks, 0, "ms", 1e3, "{:.1f}"))
     if not args.no_memory:
         print("\nPeak memory above the pre-step level:\n")

@@ -80,6 +80,24 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _fp32_product(a: torch.Tensor, b: torch.Tensor, weight_side: str) -> torch.Tensor:
+    """a @ b in fp32 where one side ("left"/"right") is a frozen weight of any dtype.
+
+    A non-fp32 weight is converted in row chunks of ≤ _CHUNK_ELEMS·4 elements, not all at once.
+    """
+    w = a if weight_side == "left" else b
+    if w.dtype == torch.float32:
+        return a @ b
+    step = max(1, (_CHUNK_ELEMS * 4) // max(w.shape[1], 1))
+    if weight_side == "left":  # rows of the result
+        return torch.cat([a[sl].to(torch.float32) @ b for sl in _steps(a.shape[0], step)])
+    result = None
+    for sl in _steps(b.shape[0], step):  # reduction over the weight's rows
+        part = a[:, sl] @ b[sl].to(torch.float32)
+        result = part if result is None else result.add_(part)
+    return result
+
+
 def _steps(total: int, step: int) -> list[slice]:
     step = max(int(step), 1)
     return [slice(i, min(i + step, total)) for i in range(0, total, step)]
@@ -90,11 +108,12 @@ def _dot_rows(a: torch.Tensor, b: torch.Tensor, offset: torch.Tensor | None, bud
 
     Works in row chunks of about `budget` elements so the temporary stays bounded.
     """
-    total = torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
     off = None if offset is None else offset.to(torch.float32)
-    for sl in _steps(a.shape[0], budget // max(a.shape[1], 1)):
+    slices = _steps(a.shape[0], budget // max(a.shape[1], 1))
+    total = None
+    for sl in slices:
         prod = a[sl] * b[sl].to(torch.float32) if off is None else (b[sl] - off).mul_(a[sl])
-        total += prod.sum(0)
+        total = prod.sum(0) if total is None else total.add_(prod.sum(0))
         del prod  # free before the next chunk is allocated
     return total
 
@@ -195,6 +214,7 @@ class _LinearOps:
             else:
                 torch.addmm(bias, xc, w.t(), out=y[sl])
             torch.mm(xc, a.t(), out=h[sl])
+            del xc
         return y, h
 
     @staticmethod
@@ -217,17 +237,19 @@ class _ConvOps:
                                                    list(self.dilation), False, [0, 0], 1, mask)
 
     def base(self, x, w, bias):
-        """The frozen conv, in output-channel chunks of ≤ _CONV_WEIGHT_CHUNK weights (bounds the backend's
-        reorder of a large weight, e.g. 59 MB for SDXL's 1280-channel 3×3 convs in fp32)."""
+        """The frozen conv; on CPU in output-channel chunks of ≤ _CONV_WEIGHT_CHUNK weights (bounds
+        oneDNN's reorder of a large weight, e.g. 59 MB for SDXL's 1280-channel 3×3 convs in fp32)."""
         out = w.shape[0]
-        chunks = -(-w.numel() // _CONV_WEIGHT_CHUNK)
+        chunks = -(-w.numel() // _CONV_WEIGHT_CHUNK) if x.device.type == "cpu" else 1
         if chunks == 1:
             return self._conv(x, w, bias)
         y = None
         for sl in _steps(out, -(-out // chunks)):
             part = self._conv(x, w[sl], None if bias is None else bias[sl])
             if y is None:
-                y = part.new_empty(part.shape[0], out, *part.shape[2:])
+                channels_last = part.dim() == 4 and part.is_contiguous(memory_format=torch.channels_last)
+                fmt = torch.channels_last if channels_last and not part.is_contiguous() else torch.contiguous_format
+                y = part.new_empty(part.shape[0], out, *part.shape[2:]).to(memory_format=fmt)
             y[:, sl] = part
             del part
         return y
@@ -261,13 +283,14 @@ class _ConvOps:
     def base_input_grad(self, g, w, x, c=None, budget=0):
         """Input gradient of the base conv for g (⊙ c), in output-channel chunks.
 
-        Chunks bound the backend's reorders of the weight (≤ _CONV_WEIGHT_CHUNK weights) and of g, and
-        the scaled copy of g: _CONV_GRAD_CHUNKS chunks when g is larger than `budget`. This is as fast
-        as one call on CPU and is used alike for LoRA and DoRA.
+        Chunks bound the scaled copy of g and, on CPU, oneDNN's reorders of the weight (≤
+        _CONV_WEIGHT_CHUNK weights) and of g: _CONV_GRAD_CHUNKS chunks when g is larger than `budget`.
+        On CPU this measured no slower than one call and is used alike for LoRA and DoRA.
         """
         out = w.shape[0]
-        chunks = -(-w.numel() // _CONV_WEIGHT_CHUNK)
-        if g.numel() > budget:
+        cpu = g.device.type == "cpu"
+        chunks = -(-w.numel() // _CONV_WEIGHT_CHUNK) if cpu else 1
+        if g.numel() > budget and (cpu or c is not None):
             chunks = max(chunks, _CONV_GRAD_CHUNKS)
         cc = None if c is None else c.to(g.dtype).view(1, -1, 1, 1)
         result = None
@@ -359,7 +382,6 @@ class _OutputAxisFn(torch.autograd.Function):
         x, w, bias, a, b, h, c, y = ctx.saved_tensors
         ops, s = ctx.ops, ctx.s
         need_x, need_a, need_b, need_c = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
-        g = g.contiguous()
         x_size, grads_size = ops.sizes(x, w, a.shape[0])
         grad_x = grad_a = grad_b = grad_c = None
         if need_c:
@@ -377,9 +399,8 @@ class _OutputAxisFn(torch.autograd.Function):
 def _scale_grad(ops, g, y, bias, c, x, w, h, b, s, budget) -> torch.Tensor:
     """Σ g ⊙ z per output channel, z = pre-scale activations = (y − bias) / c (recomputed where c ≈ 0)."""
     grad_c = ops.channel_dot(g, y, bias, budget).div_(c)
-    small = c.abs() < _SMALL_SCALE
-    if bool(small.any()):
-        idx = small.nonzero().flatten()
+    if c.abs().min() < _SMALL_SCALE:
+        idx = (c.abs() < _SMALL_SCALE).nonzero().flatten()
         grad_c[idx] = ops.channel_dot(ops.take(g, idx), ops.recompute(x, w, h, b, s, idx), None, budget)
     return grad_c
 
@@ -403,7 +424,6 @@ class _InputAxisFn(torch.autograd.Function):
         x, w, a, b, h, c = ctx.saved_tensors
         ops, s = ctx.ops, ctx.s
         need_x, need_a, need_b, need_c = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
-        g = g.contiguous()
         x_size, grads_size = ops.sizes(x, w, a.shape[0])
         grad_x = grad_a = grad_b = grad_c = None
         if need_x or need_a or need_c:
@@ -434,6 +454,8 @@ class DoRAModule(nn.Module):
     Attributes: base, lora_down, lora_up, magnitude (fp32 Parameter or None), rank, alpha, scale
     (alpha/rank), axis, decompose, detach_norm, multiplier (strength k), merged.
     """
+
+    fused = True  # False: always the plain-autograd path (same math; for benchmarks and debugging)
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, *, decompose: bool = True,
                  axis: str = "output", detach_norm: bool = True):
@@ -558,8 +580,9 @@ class DoRAModule(nn.Module):
         key = self._weight_key(w)
         cached = self.base_norm_sq
         if key is None or key != self._norm_key or cached.dtype != torch.float32 or cached.is_inference():
-            cached = weight_norm_squared(w.detach(), self.axis)
-            if key is not None and not torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor even when sampling
+                cached = weight_norm_squared(w.detach(), self.axis)
+            if key is not None:
                 self.base_norm_sq = cached
                 self._norm_key = key
         return cached
@@ -576,17 +599,17 @@ class DoRAModule(nn.Module):
         """
         w0 = self.original_weight().detach()
         shape = w0.shape
-        w0 = w0.to(torch.float32).reshape(shape[0], -1)
+        w0 = w0.reshape(shape[0], -1)
         a = self.lora_down.weight.to(torch.float32).reshape(self.rank, -1)
         b = self.lora_up.weight.to(torch.float32).reshape(shape[0], self.rank)
         s = self.scale
         in_place = not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
         if self.axis == "output":
             # t = 2s·W0·Aᵀ + s²·B·(A·Aᵀ), [out, r]; ‖V‖²_row − ‖W0‖²_row = rowdot(t, B)
-            left, right, gram, dim = w0 @ a.t(), b, a @ a.t(), 1
+            left, right, gram, dim = _fp32_product(w0, a.t(), "left"), b, a @ a.t(), 1
         else:
             # t = 2s·Bᵀ·W0 + s²·(Bᵀ·B)·A, [r, in·kh·kw]; ‖V‖²_col − ‖W0‖²_col = coldot(t, A)
-            left, right, gram, dim = b.t() @ w0, a, b.t() @ b, 0
+            left, right, gram, dim = _fp32_product(b.t(), w0, "right"), a, b.t() @ b, 0
         if in_place:
             t = (left.addmm_(b, gram, beta=2 * s, alpha=s * s) if dim == 1
                  else left.addmm_(gram, a, beta=2 * s, alpha=s * s))
@@ -630,13 +653,13 @@ class DoRAModule(nn.Module):
         bias = None if self.base.bias is None else self.base.bias.to(dtype)
         a = self.lora_down.weight.to(dtype)
         b = self.lora_up.weight.to(dtype)
-        frozen = not (w.requires_grad or (bias is not None and bias.requires_grad))
+        fast = self.fused and not (w.requires_grad or (bias is not None and bias.requires_grad))
         if not self.decompose:
-            if frozen:
+            if fast:
                 return _OutputAxisFn.apply(x, w, bias, a, b, None, k * self.scale, self._ops())
             return self._composite(x, w, bias, a, b, None, k)
         c = self._channel_scale()
-        if frozen and k == 1.0:
+        if fast and k == 1.0:
             fn = _OutputAxisFn if self.axis == "output" else _InputAxisFn
             return fn.apply(x, w, bias, a, b, c, self.scale, self._ops())
         return self._composite(x, w, bias, a, b, c, k)

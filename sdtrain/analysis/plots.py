@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from sdtrain.analysis.collect import ChangeRow
-from sdtrain.analysis.table import GroupFit, fit_line, ordered_groups
+from sdtrain.analysis.table import fit_line, ordered_groups
 
 PLOTS_HINT = 'plots skipped: matplotlib is not installed (pip install "sdtrain[plots]" to get the PNG scatter plots)'
 _CMAP = "viridis"
@@ -90,7 +90,7 @@ def plot_comparison(series: Mapping[str, Sequence[ChangeRow]], path, groups: Seq
     labels = list(series)
     all_rows = [r for rows in series.values() for r in rows]
     groups = list(groups or ordered_groups(all_rows))
-    fig = _figure(3.6 * len(labels) + 0.8, 2.9 * len(groups))
+    fig = _figure(3.8 * len(labels) + 1.0, 3.4 * len(groups))
     axes = fig.subplots(len(groups), len(labels), squeeze=False)
     step_range = _step_range(all_rows)
     counts = {}
@@ -105,11 +105,7 @@ def plot_comparison(series: Mapping[str, Sequence[ChangeRow]], path, groups: Seq
                 counts[(label, group)] = 0
     mappable = next((ax.collections[0] for row in axes for ax in row if ax.collections), None)
     if mappable is not None:
-        fig.colorbar(mappable, ax=axes, label="step", shrink=0.6)
+        fig.colorbar(mappable, ax=axes, label="step", shrink=min(1.0, 3.0 / len(groups)), aspect=30)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return counts
-
-
-def fits_caption(fits: Sequence[GroupFit]) -> str:
-    return "; ".join(f"{f.group}: slope {_fmt(f.slope, '.2e')}, r {_fmt(f.pearson_r, '+.2f')}" for f in fits)

@@ -54,7 +54,30 @@ def make_accelerator(cfg):
         precision = "no"
     project = ProjectConfiguration(project_dir=str(cfg.train.output_dir), logging_dir=str(cfg.log.log_dir))
     log_with = "tensorboard" if cfg.log.tensorboard else None
-    return Accelerator(mixed_precision=precision, cpu=on_cpu, log_with=log_with, project_config=project)
+    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu, log_with=log_with, project_config=project)
+    check_distributed(accelerator)
+    return accelerator
+
+
+class DistributedSetupError(UserError):
+    """Launched as several processes, but they do not form one process group."""
+
+
+def check_distributed(accelerator, environ=None) -> None:
+    """Fail loudly when a launcher started several processes that accelerate does not connect: they would
+    each train their own copy with no gradient sync."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    launched = int(environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and accelerator.num_processes != launched:
+        raise DistributedSetupError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but this process trains alone "
+            f"(accelerate sees {accelerator.num_processes} process, distributed type "
+            f"{accelerator.distributed_type}); the copies would train separately with no gradient sync. "
+            "Launch with `accelerate launch --multi_gpu --num_processes N -m sdtrain train CONFIG` on GPUs, or "
+            "`torchrun --nproc_per_node N -m sdtrain train CONFIG` (CPU: gloo), and do not set CUDA_VISIBLE_DEVICES "
+            "to hide the GPUs from some processes")
 
 
 def weight_dtype_for(accelerator) -> torch.dtype:
@@ -116,7 +139,8 @@ class Trainer:
 
             report = apply_adapter_file(load_adapter(self.init_from), self.adapters, strict=False)
             self.say(f"initialised adapters from {self.init_from}: {report}")
-        self.say(self.adapters.report())
+        if self.plan.network_report is None:
+            self.say(self.adapters.report())
         for warning in self.adapters.warnings:
             self.say(f"warning: {warning}")
 
@@ -156,7 +180,7 @@ class Trainer:
         if cfg.data.cache_latents:
             cache = LatentCache(cache_dir / "latents", vae_fingerprint(base.vae))
             items = latent_items(self.plan.dataset)
-            mine = cache.missing(items)[accelerator.process_index::accelerator.num_processes]
+            mine = items[accelerator.process_index::accelerator.num_processes]  # a fixed split: no races
 
             def encode(chunk):
                 self.vae_encodes += len(chunk)
@@ -164,6 +188,8 @@ class Trainer:
 
             encoded = cache.ensure(mine, encode, batch_size=max(1, cfg.train.batch_size))
             accelerator.wait_for_everyone()
+            if accelerator.num_processes > 1:
+                encoded = int(accelerator.reduce(torch.tensor(encoded, device=accelerator.device), reduction="sum"))
             self.say(f"latent cache: {len(items)} latents, {encoded} encoded now"
                      + (" (all others reused)" if encoded < len(items) else ""))
             self.latent_cache = cache
@@ -172,7 +198,7 @@ class Trainer:
             cache = TextEncoderCache(cache_dir / "text", text_encoder_fingerprint(*base.text_encoders,
                                                                                  extra=f"clip_skip={cfg.model.clip_skip}"))
             captions = captions_to_cache(self.plan.dataset)
-            mine = cache.missing(captions)[accelerator.process_index::accelerator.num_processes]
+            mine = captions[accelerator.process_index::accelerator.num_processes]
             cache.ensure(mine, self._encode_for_cache)
             accelerator.wait_for_everyone()
             self.text_cache = cache
@@ -227,11 +253,25 @@ class Trainer:
         pooled = torch.stack([e["pooled_embeds"] for e in entries]).to(device) if "pooled_embeds" in entries[0] else None
         return Conditioning(embeds, pooled)
 
-    def batch_generator(self, global_batch: int) -> torch.Generator:
-        return torch.Generator("cpu").manual_seed(self.cfg.train.seed * 1_000_003 + global_batch)
+    def sample_generator(self, global_batch: int, slot: int) -> torch.Generator:
+        """The generator of one sample's noise and timestep: seeded by its place in the global batch stream,
+        so the draw does not depend on the process count, the per-device batch size or on resuming."""
+        return torch.Generator("cpu").manual_seed((self.cfg.train.seed * 1_000_003 + global_batch) * 4099 + slot)
 
-    def micro_step_loss(self, global_batch: int, keys) -> torch.Tensor:
-        """Loss of one planned batch (not yet divided by the accumulation count)."""
+    def process_slice(self, keys: list) -> list:
+        """This process's share of a global batch: contiguous slices of near-equal size (a bucket's short last
+        batch with fewer samples than processes repeats its samples so that no process idles)."""
+        processes, rank = self.plan.processes, self.accelerator.process_index
+        if processes == 1:
+            return keys
+        if len(keys) < processes:
+            keys = (keys * processes)[:processes]
+        base, extra = divmod(len(keys), processes)
+        start = rank * base + min(rank, extra)
+        return keys[start:start + base + (1 if rank < extra else 0)]
+
+    def micro_step_loss(self, global_batch: int, keys, slot_offset: int = 0) -> torch.Tensor:
+        """Loss of this process's slice of one global batch (not yet divided by the accumulation count)."""
         from sdtrain.train.batches import load_batch
         from sdtrain.train.conditioning import unet_added_cond_kwargs
         from sdtrain.train.loss import (compute_snr, diffusion_loss, min_snr_weights, prediction_type_of,
@@ -243,11 +283,14 @@ class Trainer:
         if self.latent_cache is None:
             self.vae_encodes += len(keys)
         latents = batch.latents.to(device)
-        generator = self.batch_generator(global_batch)
-        noise = sample_noise(latents, generator, cfg.train.noise_offset)
         scheduler = base.noise_scheduler
-        timesteps = sample_timesteps(latents.shape[0], generator, cfg.train.min_timestep, cfg.train.max_timestep,
-                                     scheduler.config.num_train_timesteps, device=device)
+        noises, timesteps = [], []
+        for i in range(latents.shape[0]):
+            generator = self.sample_generator(global_batch, slot_offset + i)
+            noises.append(sample_noise(latents[i:i + 1], generator, cfg.train.noise_offset))
+            timesteps.append(sample_timesteps(1, generator, cfg.train.min_timestep, cfg.train.max_timestep,
+                                              scheduler.config.num_train_timesteps, device=device))
+        noise, timesteps = torch.cat(noises), torch.cat(timesteps)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction_type = prediction_type_of(scheduler, base.prediction_type)
         target = training_target(scheduler, latents, noise, timesteps, prediction_type)
@@ -262,18 +305,20 @@ class Trainer:
         return diffusion_loss(pred, target, cfg.train.loss, cfg.train.huber_c, weights)
 
     def optimizer_step(self, step: int) -> float:
-        """One optimizer step over `accumulation` planned batches; returns the mean loss."""
+        """One optimizer step over `accumulation` global batches; returns the mean loss over processes."""
         plan, accelerator = self.plan, self.accelerator
         total = 0.0
         for a in range(plan.accumulation):
-            global_batch = step * plan.batches_per_step + a * plan.processes + accelerator.process_index
-            epoch, index = plan.position(step, a, accelerator.process_index)
-            keys = self.epoch_batches(epoch)[index]
+            global_batch = plan.global_batch_index(step, a)
+            epoch, index = plan.position(step, a)
+            batch_keys = self.epoch_batches(epoch)[index]
+            keys = self.process_slice(batch_keys)
+            slot_offset = next(i for i, k in enumerate(batch_keys + keys) if k == keys[0]) % max(1, len(batch_keys))
             self.result.seen.append((epoch, [key.record for key in keys]))
             last = a == plan.accumulation - 1
             context = accelerator.no_sync(self.unet) if not last and plan.processes > 1 else _nullcontext()
             with context:
-                loss = self.micro_step_loss(global_batch, keys)
+                loss = self.micro_step_loss(global_batch, keys, slot_offset)
                 self.check_finite(loss, step)
                 accelerator.backward(loss / plan.accumulation)
             total += loss.detach().float().item()
@@ -294,7 +339,8 @@ class Trainer:
 
         cache = getattr(self, "_epoch_cache", None)
         if cache is None or cache[0] != epoch:
-            batches = list(PlannedBatches(self.plan.dataset.records, self.plan.batch_size, self.cfg.train.seed, epoch))
+            batches = list(PlannedBatches(self.plan.dataset.records, self.plan.global_batch_size, self.cfg.train.seed,
+                                          epoch))
             self._epoch_cache = cache = (epoch, batches)
         return cache[1]
 
@@ -423,6 +469,7 @@ class Trainer:
             self.on_interrupt()
             raise
         bar.close()
+        self.check_replicas_agree()
         final = self.save_adapter(self.global_step, final=True)
         self.result.final_adapter = final
         self.result.steps = self.global_step
@@ -435,6 +482,19 @@ class Trainer:
         if cfg.log.tensorboard:
             accelerator.end_training()
         return self.result
+
+    def check_replicas_agree(self) -> None:
+        """With several processes, every process must hold the same adapter weights at the end."""
+        if self.plan.processes == 1:
+            return
+        with torch.no_grad():
+            digest = torch.stack([p.detach().double().sum() for p in self.adapters.parameters()]).sum()
+            digest = digest.reshape(1).to(self.accelerator.device)
+            every = self.accelerator.gather(digest).cpu()
+        if not torch.equal(every, every[:1].expand_as(every)):
+            raise DistributedSetupError(f"the processes ended with different adapter weights (checksums "
+                                        f"{every.tolist()}): gradients were not synchronised")
+        self.say(f"all {self.plan.processes} processes hold identical adapter weights (checksum {every[0]:.10g})")
 
     def after_step(self, steps_per_epoch: float) -> None:
         cfg, step = self.cfg, self.global_step

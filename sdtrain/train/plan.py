@@ -4,9 +4,10 @@ Data: subsets scanned, skipped files listed, bucket table. Steps: batches per ep
 epoch (batches / (processes x accumulation)), total steps. Network: adapted modules and trainable parameters
 per group, from the UNet / text-encoder configs instantiated on the meta device.
 
-The batch stream is continuous over epochs: optimizer step g consumes global batches
-[g·P·A, (g+1)·P·A) for P processes and A accumulation steps; process r takes batch g·P·A + a·P + r at
-accumulation step a. So the position in training is the global step alone, which is what resume stores.
+Batches are planned at the global batch size (per-device batch x P processes), and process r trains the r-th
+slice of each global batch; so P processes at batch B see exactly the samples one process sees at batch P·B.
+The batch stream is continuous over epochs: optimizer step g consumes global batches [g·A, (g+1)·A) for A
+accumulation steps. So the position in training is the global step alone, which is what resume stores.
 """
 
 from __future__ import annotations
@@ -121,21 +122,28 @@ class TrainingPlan:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.processes
+
+    @property
     def effective_batch(self) -> int:
-        return self.batch_size * self.processes * self.accumulation
+        return self.global_batch_size * self.accumulation
 
     @property
     def batches_per_step(self) -> int:
-        return self.processes * self.accumulation
+        return self.accumulation
 
     @property
     def steps_per_epoch(self) -> float:
         return self.batches_per_epoch / self.batches_per_step
 
-    def position(self, global_step: int, accumulation_index: int = 0, process_index: int = 0) -> tuple[int, int]:
-        """(epoch, batch index) of the batch a process trains at this step and accumulation index."""
-        batch = global_step * self.batches_per_step + accumulation_index * self.processes + process_index
-        return locate_step(self.dataset.records, self.batch_size, self._seed, batch)
+    def global_batch_index(self, global_step: int, accumulation_index: int = 0) -> int:
+        return global_step * self.accumulation + accumulation_index
+
+    def position(self, global_step: int, accumulation_index: int = 0) -> tuple[int, int]:
+        """(epoch, batch index) of the global batch trained at this step and accumulation index."""
+        return locate_step(self.dataset.records, self.global_batch_size, self._seed,
+                           self.global_batch_index(global_step, accumulation_index))
 
     _seed: int = 0
 
@@ -150,8 +158,8 @@ def make_plan(cfg, processes: int = 1, with_network: bool = True) -> TrainingPla
     """Scan the data and work out steps and the network, without loading model weights."""
     arch = detect_arch(cfg)
     dataset = scan_dataset(subset_specs(cfg), bucketing_for(cfg, arch))
-    per_epoch = steps_per_epoch(dataset.records, cfg.train.batch_size, cfg.train.seed)
-    batches_per_step = processes * cfg.train.gradient_accumulation_steps
+    per_epoch = steps_per_epoch(dataset.records, cfg.train.batch_size * processes, cfg.train.seed)
+    batches_per_step = cfg.train.gradient_accumulation_steps
     total = total_steps_for(cfg, per_epoch, batches_per_step)
     plan = TrainingPlan(arch=arch, dataset=dataset, batch_size=cfg.train.batch_size, processes=processes,
                         accumulation=cfg.train.gradient_accumulation_steps, batches_per_epoch=per_epoch,
@@ -177,7 +185,7 @@ def describe_plan(plan: TrainingPlan, cfg) -> str:
     lines = [f"model: {cfg.model.path} ({plan.arch})", "", "data:", plan.dataset.summary(), ""]
     lines.append(f"batch: {plan.batch_size} per device x {plan.processes} process(es) x {plan.accumulation} "
                  f"accumulation = {plan.effective_batch} images per optimizer step")
-    lines.append(f"steps: {plan.batches_per_epoch} batches per epoch = {plan.steps_per_epoch:g} optimizer steps "
+    lines.append(f"steps: {plan.batches_per_epoch} batches of {plan.global_batch_size} per epoch = {plan.steps_per_epoch:g} optimizer steps "
                  f"per epoch; {plan.total_steps} steps in total ({plan.epochs:.2f} epochs)")
     lines.append(f"network: {cfg.network.type} rank {cfg.network.rank} alpha {cfg.network.alpha:g}, "
                  f"preset {cfg.network.preset}, axis {cfg.network.decompose_axis}")

@@ -109,6 +109,13 @@ def test_dora_matches_naive_dense_formula(name, axis, detach_norm):
     check_against_naive(module, x)
 
 
+@pytest.mark.parametrize("axis", ["output", "input"])
+def test_unfused_autograd_path_matches_naive(axis):
+    module, x = make("conv3x3_s2_p1", axis=axis, detach_norm=False)
+    module.fused = False
+    check_against_naive(module, x)
+
+
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_lora_matches_naive(name):
     module, x = make(name, decompose=False)
@@ -148,6 +155,22 @@ def test_chunked_paths_match_naive(name, axis, monkeypatch):
 def test_channels_last_conv_input(axis):
     module, x = make("conv3x3_s2_p1", axis=axis)
     check_against_naive(module, x.to(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("axis", ["output", "input"])
+@pytest.mark.parametrize("name", ["linear", "conv3x3_s2_p1"])
+def test_expanded_output_gradient(name, axis):
+    """y.sum().backward() hands the layer a stride-0 gradient."""
+    module, x = make(name, axis=axis)
+    grads = []
+    for fn in (module, lambda inp: naive(module, inp)):
+        inp = x.clone().requires_grad_(True)
+        fn(inp).sum().backward()
+        grads.append([inp.grad] + [p.grad.clone() for p in params(module)])
+        for p in params(module):
+            p.grad = None
+    for g, g_ref in zip(*grads):
+        assert rel_err(g, g_ref) <= TOL
 
 
 @pytest.mark.parametrize("name", ["linear", "conv3x3_s2_p1"])
@@ -288,6 +311,14 @@ def test_gradient_checkpointing_gives_same_grads(axis, detach_norm):
         _, grads_ckpt = outputs_and_grads(lambda inp: checkpoint(module, inp, use_reentrant=reentrant), module, x)
         for g, g_ckpt in zip(grads, grads_ckpt):
             assert rel_err(g_ckpt, g) <= 1e-6
+
+
+def test_inference_mode_forward_then_training():
+    module, x = make("linear")
+    with torch.inference_mode():
+        y = module(x)
+    assert rel_err(y, naive(module, x)) <= TOL
+    check_against_naive(module, x)
 
 
 def test_base_weight_change_refreshes_cached_norm():
