@@ -90,7 +90,7 @@ def train_run(label: str, args, out: Path) -> list[Path]:
     kind, axis = VARIANTS[label]
     out.mkdir(parents=True, exist_ok=True)
     config = out / "experiment.toml"
-    config.write_text(CONFIG.format(base=BASE, data=Path(args.data).as_posix(), rank=args.rank, preset=args.preset,
+    config.write_text(CONFIG.format(base=BASE, data=Path(args.data).resolve().as_posix(), rank=args.rank, preset=args.preset,
                                     lr=args.lr, steps=args.steps, seed=args.seed, out=(out / label).as_posix(),
                                     save_every=args.save_every), encoding="utf-8")
     overrides = [f'network.type="{kind}"', f'network.decompose_axis="{axis}"', f'train.output_name="{label}"']
@@ -127,7 +127,7 @@ def fit_table(fits_by_run: dict[str, list]) -> str:
 def main(argv=None) -> int:
     import torch
 
-    from sdtrain.analysis import analyze_adapters, write_report
+    from sdtrain.analysis import analyze_adapters, group_fits, write_report
     from sdtrain.analysis.plots import plot_comparison, plots_available
     from sdtrain.models.loading import load_base
 
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         print(f"unknown run(s) {unknown}; choose among {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # config paths are relative to the config file, so pass absolute ones
     started = time.perf_counter()
     saves = {label: train_run(label, args, out) for label in runs}
 
@@ -151,15 +151,20 @@ def main(argv=None) -> int:
         for label in runs:
             if VARIANTS[label] == ("dora", axis):
                 series[f"DoRA ({axis} axis)"] = analyze_adapters(saves[label], base)
-        fits = {}
+        fits, last_fits = {}, {}
         for name, rows in series.items():
             folder = out / f"analysis-{name.split()[0].lower()}-{axis}"
             report = write_report(rows, folder, info={"run": name, "base": BASE, "axis": axis})
             fits[name] = report.fits
+            last = max(r.step for r in rows)
+            last_fits[name] = group_fits([r for r in rows if r.step == last])
         print(f"\nchannels along the {axis} axis ({len({r.module for r in rows})} modules x "
-              f"{len({r.step for r in rows})} saves per run)")
+              f"{len({r.step for r in rows})} saves per run); all saves:")
         print(fit_table(fits))
-        comparison = {"fits": {name: [vars(f) for f in fs] for name, fs in fits.items()}}
+        print("last save only (across modules):")
+        print(fit_table(last_fits))
+        comparison = {"fits": {name: [vars(f) for f in fs] for name, fs in fits.items()},
+                      "last_save_fits": {name: [vars(f) for f in fs] for name, fs in last_fits.items()}}
         if plots_available():
             png = out / f"lora_vs_dora_{axis}.png"
             counts = plot_comparison(series, png)

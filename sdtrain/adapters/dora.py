@@ -36,7 +36,7 @@ __all__ = ["NORM_EPS", "AXES", "DoRAModule", "DoRALinear", "DoRAConv2d", "weight
 AXES = ("output", "input")
 NORM_EPS = 1e-12  # added to the squared channel norm inside the square root
 _SMALL_SCALE = 1e-3  # |m/‖V‖| below this: recompute the pre-scale activations of that channel in backward
-_CHUNK_ELEMS = 1 << 18  # elementwise reductions work in chunks of about this many elements
+_CHUNK_ELEMS = 1 << 17  # elementwise reductions work in chunks of about this many elements
 _MIN_CHUNK = 128  # matmul chunks never get fewer rows/columns than this (GEMM efficiency)
 _FORWARD_CHUNK_ELEMS = 1 << 22  # input-axis forward: scale x in row chunks above this size
 _CONV_WEIGHT_CHUNK = 1 << 22  # frozen convs run in output-channel chunks of ≤ this many weights
@@ -359,8 +359,9 @@ class _OutputAxisFn(torch.autograd.Function):
 
     Saves x, x·Aᵀ and (DoRA) the output y; backward recovers the pre-scale activations z as
     (y − bias) / c for the gradient of c, recomputing channels with |c| < _SMALL_SCALE exactly.
-    Work with temporaries runs first, before the weight gradients exist, and in chunks no larger
-    than those gradients, so the peak stays at plain LoRA's.
+    The reduction for grad c runs first, before the input and weight gradients exist; the scaled
+    copy of g runs in chunks of ≤ max(A and B gradient size, 5% of grad x + output), so the peak
+    stays within a few percent of plain LoRA's.
     """
 
     @staticmethod
@@ -389,7 +390,8 @@ class _OutputAxisFn(torch.autograd.Function):
         coef = s if c is None else (s * c).to(b.dtype).view(_channel_shape("output", b.dim()))
         if need_x or need_a:
             gh = ops.up_input_grad(g, b * coef)
-            grad_x = ops.base_input_grad(g, w, x, c, max(grads_size, x_size // 32)) if need_x else None
+            budget = max(grads_size, (x_size + g.numel()) // 20)  # ≤ 5% of LoRA's grad_x + output
+            grad_x = ops.base_input_grad(g, w, x, c, budget) if need_x else None
             grad_a = ops.down_backward(gh, x, a, grad_x, need_a)
         if need_b:
             grad_b = ops.up_weight_grad(g, h).mul_(coef)
@@ -428,12 +430,13 @@ class _InputAxisFn(torch.autograd.Function):
         grad_x = grad_a = grad_b = grad_c = None
         if need_x or need_a or need_c:
             gh = ops.up_input_grad(g, b * s)
-            budget = max(grads_size, x_size // 32)
+            budget = max(grads_size, (x_size + g.numel()) // 20)
             grad_xc = ops.base_input_grad(g, w, x, None, budget) if (need_x or need_c) else None
             if grad_xc is not None:
                 ops.down_backward(gh, x, a, grad_xc, False)
             if need_c:
-                grad_c = ops.channel_dot(x, grad_xc, None, budget)
+                # grad_xc exists, the A and B gradients not yet: chunks up to their size are free
+                grad_c = ops.channel_dot(x, grad_xc, None, max(grads_size, min(_CHUNK_ELEMS, x_size // 16)))
             if need_x:
                 grad_x = grad_xc.mul_(ops.in_view(c))
             del grad_xc

@@ -188,3 +188,23 @@ def config_reference_markdown() -> str:
         assert isinstance(kind, Section)
         lines.extend(_section_markdown(kind.cls, f.name, f"[{f.name}]", f.metadata["help"]))
     return "\n".join(lines)
+
+
+README_START, README_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def readme_config_section() -> str:
+    """The config reference as README.md embeds it: sections one heading level down, without the title."""
+    body = config_reference_markdown().split("\n", 1)[1].lstrip("\n")
+    return "\n".join("#" + line if line.startswith("## ") else line for line in body.splitlines())
+
+
+def update_readme(path) -> None:
+    """Rewrite the generated config section of README.md (between the config-reference markers)."""
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    path.write_text(f"{head}{README_START}\n{readme_config_section()}\n{README_END}{tail}", encoding="utf-8")

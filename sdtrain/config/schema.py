@@ -101,7 +101,7 @@ class SubsetConfig:
     tag_dropout: float = setting(0.0, Float(min=0, max=1), "Probability of dropping each (non-kept) tag.")
     flip: bool = setting(False, Bool(), "Randomly flip images horizontally (not for asymmetric characters).")
     class_caption: str | None = setting(None, Str(), "Caption used for images that have no caption file.",
-                                        default_doc="no default: a missing caption file is an error")
+                                        default_doc="none: an image without a caption file trains with an empty caption (the dry run counts them)")
 
 
 @dataclass

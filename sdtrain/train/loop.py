@@ -473,6 +473,10 @@ class Trainer:
         final = self.save_adapter(self.global_step, final=True)
         self.result.final_adapter = final
         self.result.steps = self.global_step
+        skipped = self.plan.dataset.skipped
+        if skipped:
+            self.say(f"skipped {len(skipped)} unreadable files (not trained on):\n"
+                     + "\n".join(f"  {s.path}: {s.reason}" for s in skipped))
         if final is not None:
             self.say(f"saved {final}")
             summary = self.verify_final(final)
