@@ -133,12 +133,22 @@ class Trainer:
         base = self.base
         self.arch = base.arch
         self.spec = NetworkSpec.from_config(cfg.network)
-        self.adapters = inject_adapters(base.unet, base.text_encoders, base.arch, self.spec)
         if self.init_from:
-            from sdtrain.export.adapter_file import apply_adapter_file, load_adapter
+            from sdtrain.export.adapter_file import adapters_from_file, load_adapter
 
-            report = apply_adapter_file(load_adapter(self.init_from), self.adapters, strict=False)
-            self.say(f"initialised adapters from {self.init_from}: {report}")
+            self.adapters, report = adapters_from_file(load_adapter(self.init_from), base.unet, base.text_encoders,
+                                                       base.arch, strict=False, detach_norm=self.spec.detach_norm)
+            file_spec = self.adapters.spec
+            changed = [f"{key} {getattr(self.spec, key)!r} -> {getattr(file_spec, key)!r}"
+                       for key in ("type", "rank", "alpha", "decompose_axis", "train_text_encoder")
+                       if getattr(self.spec, key) != getattr(file_spec, key)]
+            self.spec = file_spec
+            self.say(f"initialised from {self.init_from}: {len(report.restored)} modules, fresh optimizer state"
+                     + (f"; the file's network replaces the config's ({', '.join(changed)})" if changed else ""))
+            if report.missing_in_file or report.unknown_in_network:
+                self.say(f"warning: {len(report.unknown_in_network)} file modules have no layer in this model")
+        else:
+            self.adapters = inject_adapters(base.unet, base.text_encoders, base.arch, self.spec)
         if self.plan.network_report is None:
             self.say(self.adapters.report())
         for warning in self.adapters.warnings:
@@ -151,7 +161,9 @@ class Trainer:
             cast_frozen(module, dtype)
             module.to(device)
         vae_dtype = torch.float32 if (dtype == torch.float16 or base.vae.config.get("force_upcast", False)) else dtype
-        base.vae.to(device, vae_dtype).requires_grad_(False)
+        base.vae.requires_grad_(False).to(device)
+        if base.vae.dtype != vae_dtype:
+            base.vae.to(dtype=vae_dtype)
         if cfg.train.attention == "sdpa":
             from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -436,7 +448,8 @@ class Trainer:
 
         cfg, accelerator, plan = self.cfg, self.accelerator, self.plan
         self.started = time.time()
-        self.setup()
+        if not getattr(self, "adapters", None):
+            self.setup()
         if self.resume:
             from sdtrain.train.state import load_training_state
 
