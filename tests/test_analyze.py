@@ -48,14 +48,6 @@ PATHS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def planar(out_features: int, in_features: int, gen, columns: bool) -> torch.Tensor:
     """A weight whose rows (or columns) all lie in the plane of the first two coordinates."""
     if columns:

@@ -136,7 +136,8 @@ def _scaled_mm(g: torch.Tensor, c: torch.Tensor, w: torch.Tensor, budget: int) -
             del part
         return result
     result = None
-    for sl in _steps(out, max(_MIN_CHUNK, budget // rows)):
+    min_cols = _MIN_CHUNK if rows >= _MIN_CHUNK else -(-out // 2)  # few rows: at most two GEMM calls
+    for sl in _steps(out, max(min_cols, budget // rows)):
         part = g[:, sl] * cc[sl]
         result = part @ w[sl] if result is None else result.addmm_(part, w[sl])
         del part

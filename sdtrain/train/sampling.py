@@ -107,8 +107,8 @@ def build_pipeline(arch: str, unet, vae, text_encoders: Sequence, tokenizers: Se
     return pipe
 
 
-def image_grid(images: Sequence) -> "PIL.Image.Image":
-    """Tile images in ceil(√n) columns; every cell is as large as the largest image (top-left aligned, black)."""
+def image_grid(images: Sequence):
+    """A PIL image tiling `images` in ceil(√n) columns; every cell is as large as the largest image (top-left aligned, black)."""
     from PIL import Image
 
     cols = math.ceil(math.sqrt(len(images)))

@@ -28,15 +28,6 @@ TEXT = r"\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc
 RULES = {"attn": [ATTN], "attn-mlp": [ATTN, PROJ, FF], "full": [ATTN, PROJ, FF, RESNET, SAMPLER]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread avoids thread spin-waits on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)

@@ -12,14 +12,6 @@ from sdtrain.export.metadata import build_metadata
 from sdtrain.models.tiny import build_tiny_pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Input- and output-axis DoRA files for the tiny SD1.5 model (attention layers + text encoder)."""

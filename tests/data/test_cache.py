@@ -27,15 +27,6 @@ def tiny_vae(seed=0):
                          norm_num_groups=8, sample_size=64).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest single-threaded on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vae():
     return tiny_vae()

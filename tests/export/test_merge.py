@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from sdtrain.adapters.inject import NetworkSpec, inject_adapters
@@ -11,14 +10,6 @@ from sdtrain.export.adapter_file import adapters_from_file, load_adapter, save_a
 from sdtrain.models.tiny import build_tiny_pipeline, save_tiny_pipeline
 
 CONVS = "re:(down_blocks_0_resnets_0_conv1|input_blocks_1_0_in_layers_2)$"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def encoders(pipe):

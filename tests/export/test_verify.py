@@ -22,14 +22,6 @@ from sdtrain.models.tiny import build_tiny_pipeline
 CONVS = "re:(down_blocks_0_resnets_0_conv1|input_blocks_1_0_in_layers_2|input_blocks_4_0_in_layers_2)$"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def encoders(pipe):
     return [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
 

@@ -10,15 +10,6 @@ PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at dusk, dramati
 LONG = " ".join(["a very long prompt about many red and blue things"] * 12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest single-threaded on a shared 2-core machine; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd15():
     return build_tiny_pipeline("sd15", seed=0)

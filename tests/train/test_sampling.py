@@ -10,15 +10,6 @@ from sdtrain.models.tiny import build_tiny_pipeline
 from sdtrain.train.sampling import preserved_rng_state, sample_images, sampler_scheduler
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest single-threaded on a shared 2-core machine; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd15():
     return build_tiny_pipeline("sd15", seed=0)
