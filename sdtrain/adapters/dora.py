@@ -40,7 +40,7 @@ _CHUNK_ELEMS = 1 << 17  # elementwise reductions work in chunks of about this ma
 _MIN_CHUNK = 128  # matmul chunks never get fewer rows/columns than this (GEMM efficiency)
 _FORWARD_CHUNK_ELEMS = 1 << 22  # input-axis forward: scale x in row chunks above this size
 _CONV_WEIGHT_CHUNK = 1 << 22  # frozen convs run in output-channel chunks of ≤ this many weights
-_CONV_GRAD_CHUNKS = 4  # conv input gradients larger than the adapter's weight gradients: this many chunks
+_CONV_GRAD_CHUNKS = 4  # conv input gradients whose g exceeds the chunk budget: this many chunks
 
 
 # ---------------------------------------------------------------- dense helpers (export, verification, tests)
@@ -136,8 +136,7 @@ def _scaled_mm(g: torch.Tensor, c: torch.Tensor, w: torch.Tensor, budget: int) -
             del part
         return result
     result = None
-    min_cols = _MIN_CHUNK if rows >= _MIN_CHUNK else -(-out // 2)  # few rows: at most two GEMM calls
-    for sl in _steps(out, max(min_cols, budget // rows)):
+    for sl in _steps(out, max(_MIN_CHUNK, budget // rows)):
         part = g[:, sl] * cc[sl]
         result = part @ w[sl] if result is None else result.addmm_(part, w[sl])
         del part

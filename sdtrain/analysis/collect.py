@@ -111,11 +111,11 @@ def adapter_rows(adapter_file, base, step: int, axis: str = "auto") -> list[Chan
 
     axis "auto": the file's DoRA axis per module, "output" for plain LoRA modules.
     """
-    from sdtrain.export.verify import _layers_by_name, file_modules_on_layers
+    from sdtrain.export.verify import layers_by_name, file_modules_on_layers
 
     _check_axis(axis)
     _check_arch(adapter_file, base)
-    layers = _layers_by_name(adapter_file, base.arch, base.unet, list(base.text_encoders))
+    layers = layers_by_name(adapter_file, base.arch, base.unet, list(base.text_encoders))
     missing = [name for name in adapter_file.modules if name not in layers]
     if not layers:
         raise ModelLoadError(

@@ -32,9 +32,9 @@ def merge_into_base(adapter_file, base, *, strength: float = 1.0) -> MergeReport
 
     Every file module must have its layer in the base (ModelLoadError otherwise, naming them).
     """
-    from sdtrain.export.verify import _layers_by_name, file_modules_on_layers
+    from sdtrain.export.verify import layers_by_name, file_modules_on_layers
 
-    layers = _layers_by_name(adapter_file, base.arch, base.unet, list(base.text_encoders))
+    layers = layers_by_name(adapter_file, base.arch, base.unet, list(base.text_encoders))
     missing = [name for name in adapter_file.modules if name not in layers]
     if missing:
         raise ModelLoadError(

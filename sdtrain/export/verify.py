@@ -341,7 +341,7 @@ def file_modules_on_layers(adapter_file, layers: dict) -> dict:
     return modules
 
 
-def _layers_by_name(adapter_file, arch: str, unet, text_encoders) -> dict:
+def layers_by_name(adapter_file, arch: str, unet, text_encoders) -> dict:
     from sdtrain.adapters.names import module_index
     from sdtrain.export.adapter_file import canonical_name
 
@@ -380,7 +380,7 @@ def verify_adapter(adapter_file, base, *, targets=None, strength: float = 1.0, b
     else:
         shapes = checkpoint_shapes(arch, base.unet, text_encoders)
     coverage = key_coverage(adapter_file, arch, shapes, base.unet.config, _clip_widths(text_encoders))
-    layers = _layers_by_name(adapter_file, arch, base.unet, text_encoders)
+    layers = layers_by_name(adapter_file, arch, base.unet, text_encoders)
     modules = file_modules_on_layers(adapter_file, layers)
     results = compare_loaders(adapter_file, modules, targets=list(LOADERS), strength=strength, coverage=coverage)
     label = base_label or str(getattr(base, "source", None) or getattr(base, "path", None) or arch)
