@@ -52,6 +52,11 @@ def make_accelerator(cfg):
     if on_cpu and precision == "fp16":
         log.warning("train.mixed_precision = 'fp16' needs a GPU; training in fp32 on the CPU")
         precision = "no"
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one AcceleratorState per process; a second run in the same process (a script training
+    # LoRA then DoRA, a test) may use another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     project = ProjectConfiguration(project_dir=str(cfg.train.output_dir), logging_dir=str(cfg.log.log_dir))
     log_with = "tensorboard" if cfg.log.tensorboard else None
     accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu, log_with=log_with, project_config=project)
