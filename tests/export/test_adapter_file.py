@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from helpers_adapters import CONVS, encoders, module_kinds as kinds, outputs
 from sdtrain.adapters.inject import NetworkSpec, inject_adapters
 from sdtrain.errors import ModelLoadError
 from sdtrain.export.adapter_file import (
@@ -23,12 +24,6 @@ from sdtrain.export.adapter_file import (
 from sdtrain.export.metadata import build_metadata
 from sdtrain.models.tiny import build_tiny_pipeline
 
-# a few 3x3 convolutions on top of the attention (+ 1x1 proj_in/out on SD1.5) layers
-CONVS = "re:(down_blocks_0_resnets_0_conv1|input_blocks_1_0_in_layers_2|input_blocks_4_0_in_layers_2)$"
-
-
-def encoders(pipe):
-    return [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
 
 
 def trained(arch, axis="input", alpha=3.0, rank=4, seed=1):
@@ -44,31 +39,6 @@ def trained(arch, axis="input", alpha=3.0, rank=4, seed=1):
             module.lora_up.weight.normal_(0, 0.05)
             module.magnitude.mul_(1 + 0.1 * torch.randn_like(module.magnitude))
     return pipe, adapters, spec
-
-
-@torch.no_grad()
-def outputs(pipe, arch):
-    """UNet and text-encoder outputs on fixed inputs."""
-    gen = torch.Generator().manual_seed(0)
-    unet = pipe.unet
-    context = torch.randn(1, 8, unet.config.cross_attention_dim, generator=gen)
-    kwargs = {}
-    if arch == "sdxl":
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pipe.text_encoder_2.config.projection_dim, generator=gen),
-                                       "time_ids": torch.randn(1, 6, generator=gen)}
-    sample = torch.randn(1, 4, 16, 16, generator=gen)
-    result = [unet(sample, 10, context, **kwargs).sample]
-    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407, 49407]])
-    result += [te(ids).last_hidden_state for te in encoders(pipe)]
-    return result
-
-
-def kinds(adapter_file):
-    found = set()
-    for module in adapter_file.modules.values():
-        shape = module.weight_shape
-        found.add((module.group, "linear" if len(shape) == 2 else f"conv{shape[2]}x{shape[3]}"))
-    return found
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])

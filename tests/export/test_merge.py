@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from helpers_adapters import encoders, outputs
 from sdtrain.adapters.inject import NetworkSpec, inject_adapters
 from sdtrain.cli import main
 from sdtrain.export.adapter_file import adapters_from_file, load_adapter, save_adapter
 from sdtrain.models.tiny import build_tiny_pipeline, save_tiny_pipeline
 
 CONVS = "re:(down_blocks_0_resnets_0_conv1|input_blocks_1_0_in_layers_2)$"
-
-
-def encoders(pipe):
-    return [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
-
-
-@torch.no_grad()
-def outputs(pipe, arch):
-    gen = torch.Generator().manual_seed(0)
-    unet = pipe.unet
-    context = torch.randn(1, 8, unet.config.cross_attention_dim, generator=gen)
-    kwargs = {}
-    if arch == "sdxl":
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pipe.text_encoder_2.config.projection_dim, generator=gen),
-                                       "time_ids": torch.randn(1, 6, generator=gen)}
-    result = [unet(torch.randn(1, 4, 16, 16, generator=gen), 10, context, **kwargs).sample]
-    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407, 49407]])
-    return result + [te(ids).last_hidden_state for te in encoders(pipe)]
 
 
 def adapter(tmp_path, arch, axis):

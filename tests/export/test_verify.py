@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 
+from helpers_adapters import CONVS, encoders, module_kinds
 from sdtrain.adapters.inject import NetworkSpec, inject_adapters
 from sdtrain.adapters.names import module_index
 from sdtrain.export.adapter_file import load_adapter, save_adapter
@@ -18,12 +19,6 @@ from sdtrain.export.metadata import build_metadata
 from sdtrain.export.verify import verify_adapter, verify_saved_adapter
 from sdtrain.models.ldm_layout import pipeline_to_single_file_state_dict
 from sdtrain.models.tiny import build_tiny_pipeline
-
-CONVS = "re:(down_blocks_0_resnets_0_conv1|input_blocks_1_0_in_layers_2|input_blocks_4_0_in_layers_2)$"
-
-
-def encoders(pipe):
-    return [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
 
 
 def base_of(pipe, arch):
@@ -44,14 +39,6 @@ def adapter_path(tmp_path, arch, axis, preset="attn-mlp", include=(CONVS,)):
     path = save_adapter(adapters, tmp_path / f"{arch}_{axis}.safetensors", dtype="fp32",
                         metadata=build_metadata(arch, spec, output_name=f"{arch}_{axis}"))
     return path, adapters
-
-
-def module_kinds(adapter_file):
-    found = set()
-    for module in adapter_file.modules.values():
-        shape = module.weight_shape
-        found.add((module.group, "linear" if len(shape) == 2 else f"conv{shape[2]}x{shape[3]}"))
-    return found
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
