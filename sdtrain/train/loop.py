@@ -133,9 +133,16 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_resolved_config(cfg, resolved_config_path(cfg))
-        self.base = load_base(cfg.model.path, arch=self.plan.arch, vae=cfg.model.vae, config_dir=cfg.model.config_dir,
+        self.base = load_base(cfg.model.path, arch=cfg.model.arch, vae=cfg.model.vae, config_dir=cfg.model.config_dir,
                               prediction_type=cfg.model.prediction_type, allow_pickle=cfg.model.allow_pickle)
         base = self.base
+        if base.arch != self.plan.arch:  # the plan guessed the family from the name of a hub model
+            import dataclasses
+
+            self.say(f"note: {cfg.model.path} is {base.arch}, not {self.plan.arch} as guessed from its name; "
+                     "re-planning (set model.arch to skip the guess)")
+            self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch=base.arch))
+            self.plan = make_plan(cfg, processes=accelerator.num_processes)
         self.arch = base.arch
         self.spec = NetworkSpec.from_config(cfg.network)
         if self.init_from:

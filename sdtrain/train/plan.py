@@ -89,22 +89,43 @@ def detect_arch(cfg) -> str:
     return "sdxl" if "xl" in path.lower() else "sd15"
 
 
+# Text encoders of the released models (CLIP ViT-L/14; OpenCLIP ViT-H/14 as diffusers loads it; OpenCLIP ViT-bigG/14).
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               projection_dim=768, hidden_act="quick_gelu")
+_OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                   projection_dim=512, hidden_act="gelu")
+_OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                      projection_dim=1280, hidden_act="gelu")
+_REFERENCE_TEXT_ENCODERS = {"sd15": [_CLIP_L], "sd2": [_OPENCLIP_H], "sdxl": [_CLIP_L, _OPENCLIP_BIGG]}
+
+
+def reference_configs(arch: str):
+    """(UNet config, [CLIPTextConfig]) of the released architecture of a model family."""
+    from transformers import CLIPTextConfig
+
+    from sdtrain.models.ldm_layout import REFERENCE_UNET_CONFIGS
+
+    encoders = [CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **c) for c in _REFERENCE_TEXT_ENCODERS[arch]]
+    return dict(REFERENCE_UNET_CONFIGS[arch]), encoders
+
+
 def model_configs(cfg, arch: str):
-    """(unet config, [text encoder configs]) without weights, or (None, []) when unknown offline."""
+    """(unet config, [text encoder configs], source) without weights: the builtin model's, a local diffusers
+    folder's (the model or model.config_dir), else the released architecture of the family."""
     path = str(cfg.model.path)
     if path in BUILTIN_ARCH:
         from sdtrain.models.tiny import tiny_configs
 
-        return tiny_configs(BUILTIN_ARCH[path])
+        return (*tiny_configs(BUILTIN_ARCH[path]), "builtin")
     folder = Path(path) if Path(path).is_dir() else (Path(cfg.model.config_dir) if cfg.model.config_dir else None)
     if folder is None or not (folder / "unet" / "config.json").is_file():
-        return None, []
+        return (*reference_configs(arch), "reference")
     from transformers import CLIPTextConfig
 
     unet = json.loads((folder / "unet" / "config.json").read_text())
     encoders = [CLIPTextConfig.from_pretrained(folder / name) for name in ("text_encoder", "text_encoder_2")
                 if (folder / name / "config.json").is_file()]
-    return unet, encoders
+    return unet, encoders, "local"
 
 
 @dataclass
@@ -166,18 +187,18 @@ def make_plan(cfg, processes: int = 1, with_network: bool = True) -> TrainingPla
                         total_steps=total, epochs=total * batches_per_step / per_epoch)
     plan._seed = cfg.train.seed
     if with_network:
-        unet_config, encoder_configs = model_configs(cfg, arch)
-        if unet_config is None:
-            plan.warnings.append("adapted modules are counted once the model loads (no local UNet config for "
-                                 f"{cfg.model.path}; set model.config_dir to a local diffusers folder to see them now)")
-        else:
-            from sdtrain.adapters.inject import NetworkSpec, count_trainable_params, plan_injection, plan_report
+        from sdtrain.adapters.inject import NetworkSpec, count_trainable_params, plan_injection, plan_report
 
-            spec = NetworkSpec.from_config(cfg.network)
-            injection = plan_injection(unet_config, encoder_configs, arch, spec)
-            plan.network_report = plan_report(injection, spec)
-            plan.trainable_params = count_trainable_params(injection, spec)
-            plan.warnings.extend(injection.warnings)
+        unet_config, encoder_configs, source = model_configs(cfg, arch)
+        spec = NetworkSpec.from_config(cfg.network)
+        injection = plan_injection(unet_config, encoder_configs, arch, spec)
+        plan.network_report = plan_report(injection, spec)
+        plan.trainable_params = count_trainable_params(injection, spec)
+        plan.warnings.extend(injection.warnings)
+        if source == "reference":
+            plan.warnings.append(f"adapted modules counted on the released {arch} architecture (no local config "
+                                 f"for {cfg.model.path}); set model.config_dir to a local diffusers folder if the "
+                                 "model differs")
     return plan
 
 

@@ -1,0 +1,25 @@
+"""The dry-run plan for real models that are not on disk: counted on the released architectures."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers_training import write_config
+from sdtrain.config import load_config
+from sdtrain.train.plan import describe_plan, make_plan
+
+
+@pytest.mark.parametrize("hub_id,arch,unet_modules", [
+    ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 722),  # kohya's count for SDXL attention + ff
+    ("runwayml/stable-diffusion-v1-5", "sd15", 192),             # kohya's count for SD1.5 attention + proj + ff
+])
+def test_dry_run_counts_released_architectures_offline(tmp_path, hub_id, arch, unet_modules):
+    config = write_config(tmp_path, "plan")
+    cfg = load_config(config, [f"model.path={hub_id}", f"model.arch={arch}", "network.preset=attn-mlp",
+                               "network.train_text_encoder=true"])
+    plan = make_plan(cfg)
+    text = describe_plan(plan, cfg)
+    unet_row = next(line for line in plan.network_report.splitlines() if line.startswith("unet"))
+    assert f" {unet_modules} (" in unet_row
+    assert ("te2" in plan.network_report) == (arch == "sdxl")
+    assert "released" in text
