@@ -12,6 +12,7 @@ would have (see `sdtrain.train.state`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -282,17 +283,18 @@ class Trainer:
         so the draw does not depend on the process count, the per-device batch size or on resuming."""
         return torch.Generator("cpu").manual_seed((self.cfg.train.seed * 1_000_003 + global_batch) * 4099 + slot)
 
-    def process_slice(self, keys: list) -> list:
-        """This process's share of a global batch: contiguous slices of near-equal size (a bucket's short last
-        batch with fewer samples than processes repeats its samples so that no process idles)."""
+    def process_slice(self, keys: list) -> tuple[list, int]:
+        """This process's share of a global batch and the slot of its first sample: contiguous slices of
+        near-equal size (a bucket's short last batch with fewer samples than processes repeats its samples so
+        that no process idles)."""
         processes, rank = self.plan.processes, self.accelerator.process_index
         if processes == 1:
-            return keys
+            return keys, 0
         if len(keys) < processes:
             keys = (keys * processes)[:processes]
         base, extra = divmod(len(keys), processes)
         start = rank * base + min(rank, extra)
-        return keys[start:start + base + (1 if rank < extra else 0)]
+        return keys[start:start + base + (1 if rank < extra else 0)], start
 
     def micro_step_loss(self, global_batch: int, keys, slot_offset: int = 0) -> torch.Tensor:
         """Loss of this process's slice of one global batch (not yet divided by the accumulation count)."""
@@ -335,12 +337,10 @@ class Trainer:
         for a in range(plan.accumulation):
             global_batch = plan.global_batch_index(step, a)
             epoch, index = plan.position(step, a)
-            batch_keys = self.epoch_batches(epoch)[index]
-            keys = self.process_slice(batch_keys)
-            slot_offset = next(i for i, k in enumerate(batch_keys + keys) if k == keys[0]) % max(1, len(batch_keys))
+            keys, slot_offset = self.process_slice(self.epoch_batches(epoch)[index])
             self.result.seen.append((epoch, [key.record for key in keys]))
             last = a == plan.accumulation - 1
-            context = accelerator.no_sync(self.unet) if not last and plan.processes > 1 else _nullcontext()
+            context = accelerator.no_sync(self.unet) if not last and plan.processes > 1 else contextlib.nullcontext()
             with context:
                 loss = self.micro_step_loss(global_batch, keys, slot_offset)
                 self.check_finite(loss, step)
@@ -472,7 +472,7 @@ class Trainer:
             accelerator.init_trackers("sdtrain")
         bar = tqdm(total=plan.total_steps, initial=self.global_step, disable=not self.is_main or self.quiet,
                    desc="training", dynamic_ncols=True)
-        per_epoch = plan.batches_per_epoch / plan.batches_per_step
+        per_epoch = plan.steps_per_epoch
         try:
             while self.global_step < plan.total_steps:
                 step = self.global_step
@@ -571,14 +571,6 @@ class LossLog:
         if self.enabled:
             with open(self.path, "a") as handle:
                 handle.write(f"{step},{loss!r},{lr!r}\n")
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(cfg, *, dry_run: bool = False, resume: str | None = None, init_from: str | None = None,

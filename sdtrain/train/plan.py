@@ -138,6 +138,7 @@ class TrainingPlan:
     batches_per_epoch: int
     total_steps: int
     epochs: float
+    seed: int = 0
     network_report: str | None = None
     trainable_params: int | None = None
     warnings: list[str] = field(default_factory=list)
@@ -163,10 +164,8 @@ class TrainingPlan:
 
     def position(self, global_step: int, accumulation_index: int = 0) -> tuple[int, int]:
         """(epoch, batch index) of the global batch trained at this step and accumulation index."""
-        return locate_step(self.dataset.records, self.global_batch_size, self._seed,
+        return locate_step(self.dataset.records, self.global_batch_size, self.seed,
                            self.global_batch_index(global_step, accumulation_index))
-
-    _seed: int = 0
 
 
 def total_steps_for(cfg, batches_per_epoch: int, batches_per_step: int) -> int:
@@ -184,8 +183,7 @@ def make_plan(cfg, processes: int = 1, with_network: bool = True) -> TrainingPla
     total = total_steps_for(cfg, per_epoch, batches_per_step)
     plan = TrainingPlan(arch=arch, dataset=dataset, batch_size=cfg.train.batch_size, processes=processes,
                         accumulation=cfg.train.gradient_accumulation_steps, batches_per_epoch=per_epoch,
-                        total_steps=total, epochs=total * batches_per_step / per_epoch)
-    plan._seed = cfg.train.seed
+                        total_steps=total, epochs=total * batches_per_step / per_epoch, seed=cfg.train.seed)
     if with_network:
         from sdtrain.adapters.inject import NetworkSpec, count_trainable_params, plan_injection, plan_report
 
