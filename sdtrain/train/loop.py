@@ -158,11 +158,12 @@ class Trainer:
             self.spec = file_spec
             self.say(f"initialised from {self.init_from}: {len(report.restored)} modules, fresh optimizer state"
                      + (f"; the file's network replaces the config's ({', '.join(changed)})" if changed else ""))
-            if report.missing_in_file or report.unknown_in_network:
-                self.say(f"warning: {len(report.unknown_in_network)} file modules have no layer in this model")
+            if report.unknown_in_network:
+                self.say(f"warning: {len(report.unknown_in_network)} modules of {self.init_from} have no layer in "
+                         f"this model and were skipped (e.g. {report.unknown_in_network[0]})")
         else:
             self.adapters = inject_adapters(base.unet, base.text_encoders, base.arch, self.spec)
-        if self.plan.network_report is None:
+        if self.adapters.report() != self.plan.network_report:  # the model or the file differs from the plan
             self.say(self.adapters.report())
         for warning in self.adapters.warnings:
             self.say(f"warning: {warning}")
