@@ -29,42 +29,7 @@ VARIANTS = {  # run label -> (network.type, network.decompose_axis)
     "dora-input": ("dora", "input"),
 }
 
-CONFIG = """\
-[model]
-path = "{base}"
-[data]
-resolution = 64
-min_bucket_side = 64
-max_bucket_side = 128
-num_workers = 0
-[[data.subsets]]
-path = "{data}"
-[network]
-type = "dora"
-rank = {rank}
-alpha = {rank}
-preset = "{preset}"
-[optimizer]
-type = "AdamW"
-lr = {lr}
-[scheduler]
-type = "constant"
-[train]
-max_steps = {steps}
-batch_size = 2
-mixed_precision = "no"
-seed = {seed}
-output_dir = "{out}"
-[save]
-every_n_steps = {save_every}
-dtype = "fp32"
-verify_targets = []
-[sample]
-every_n_steps = 0
-[log]
-tensorboard = false
-log_every_n_steps = {save_every}
-"""
+DEMO_CONFIG = REPO / "configs" / "demo.toml"  # the experiment is the demo run with these overrides
 
 
 def parse_args(argv=None):
@@ -89,13 +54,19 @@ def train_run(label: str, args, out: Path) -> list[Path]:
 
     kind, axis = VARIANTS[label]
     out.mkdir(parents=True, exist_ok=True)
-    config = out / "experiment.toml"
-    config.write_text(CONFIG.format(base=BASE, data=Path(args.data).resolve().as_posix(), rank=args.rank, preset=args.preset,
-                                    lr=args.lr, steps=args.steps, seed=args.seed, out=(out / label).as_posix(),
-                                    save_every=args.save_every), encoding="utf-8")
-    overrides = [f'network.type="{kind}"', f'network.decompose_axis="{axis}"', f'train.output_name="{label}"']
+    overrides = [
+        f"model.path={BASE}", "data.resolution=64", "data.min_bucket_side=64", "data.max_bucket_side=128",
+        f"data.subsets.0.path={Path(args.data).resolve().as_posix()}", f"data.cache_dir={(out / 'cache').as_posix()}",
+        f"network.type={kind}", f"network.decompose_axis={axis}", f"network.rank={args.rank}",
+        f"network.alpha={args.rank}", f"network.preset={args.preset}",
+        "optimizer.type=AdamW", f"optimizer.lr={args.lr}", "scheduler.type=constant", "scheduler.warmup_steps=0",
+        f"train.max_steps={args.steps}", "train.batch_size=2", "train.mixed_precision=no", f"train.seed={args.seed}",
+        "train.min_snr_gamma=0", f"train.output_dir={(out / label).as_posix()}", f"train.output_name={label}",
+        f"save.every_n_steps={args.save_every}", "save.dtype=fp32", "save.verify_targets=[]",
+        "sample.every_n_steps=0", "log.tensorboard=false",
+    ]
     start = time.perf_counter()
-    result = Trainer(load_config(config, overrides), quiet=True).run()
+    result = Trainer(load_config(DEMO_CONFIG, overrides), quiet=True).run()
     losses = result.losses
     tail = sum(losses[-10:]) / max(1, len(losses[-10:]))
     print(f"trained {label}: {result.steps} steps in {time.perf_counter() - start:.0f} s, "
