@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 
 from sdtrain import __version__
 from sdtrain.config.kinds import (
@@ -100,21 +99,12 @@ def resolved_config_path(config: Config) -> str:
 
 def write_resolved_config(config: Config, path) -> None:
     """Write the fully resolved config as TOML (atomically: a temp file renamed into place)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    from sdtrain.files import atomic_write_bytes
+
     text = (f"# Resolved config written by sdtrain {__version__}: every default filled in, paths absolute.\n"
             "# Use it as a config to repeat the run with exactly these settings.\n\n"
             + dict_to_toml(config_to_dict(config)))
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".config-", suffix=".toml.tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------- reference doc

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +25,10 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sdtrain.errors import DataError
+from sdtrain.files import atomic_save_safetensors
 
 CACHE_FORMAT = "sdtrain-cache-v1"  # bump when resize/crop/encoding rules change
 
@@ -113,16 +112,8 @@ class SafetensorsStore:
             raise DataError(f"cache entry {path} is unreadable ({exc}); delete it and run again") from exc
 
     def write(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        try:
-            save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(temporary),
-                      metadata={"key": key, "format": CACHE_FORMAT})
-            os.replace(temporary, path)
-        finally:
-            if temporary.exists():
-                temporary.unlink()
+        atomic_save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+                                self.path(key), metadata={"key": key, "format": CACHE_FORMAT})
 
 
 def _digest(*parts) -> str:

@@ -14,14 +14,13 @@ Reading also accepts files written by kohya, LyCORIS and OneTrainer: a missing `
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from sdtrain.files import atomic_write_bytes
 from sdtrain.errors import ModelLoadError
 from sdtrain.export import metadata as md
 
@@ -224,36 +223,6 @@ def serialize_with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, 
     if len(data) != len(draft) or md.model_hash(data) != metadata[md.MODEL_HASH_KEY]:
         raise RuntimeError("safetensors layout changed when the hashes were filled in")
     return data
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temporary file in the same folder, fsync it, rename it over `path`, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def write_adapter_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:

@@ -23,7 +23,7 @@ def save_single_file(
     pipe, arch: str, path: str | os.PathLike, *, dtype: torch.dtype | None = None, title: str | None = None
 ) -> Path:
     """Write `pipe` as a single `.safetensors` checkpoint in the LDM/SGM layout (atomic: temp file + rename)."""
-    from safetensors.torch import save_file
+    from sdtrain.files import atomic_save_safetensors
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -35,14 +35,7 @@ def save_single_file(
         "modelspec.architecture": _MODELSPEC_ARCH[arch],
         "modelspec.title": title or path.stem,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_save_safetensors(state, path, metadata)
 
 
 def load_pickle_state_dict(path: str | os.PathLike, allow_pickle: bool, key: str = "model.allow_pickle") -> dict:

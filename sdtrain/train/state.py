@@ -27,6 +27,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from sdtrain.errors import UserError
+from sdtrain.files import fsync_dir, fsync_tree
 
 STATE_DIR = "states"
 COMPLETE = "COMPLETE"
@@ -69,30 +70,11 @@ def _plain(value):
     return value
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fault_injection(point: str, step: int) -> None:
-    """Test hook: with SDTRAIN_TEST_HANG_IN_STATE_SAVE=<step>, stop forever at `point` of that step's save
-    (after touching `<state folder>.hanging`), so a test can SIGKILL the process mid-save."""
+def _hang_if_asked(step: int) -> None:
+    """Test hook: with SDTRAIN_TEST_HANG_IN_STATE_SAVE=<step>, touch the file SDTRAIN_TEST_HANG_MARKER names and
+    stop forever in the middle of that step's state save, so a test can SIGKILL the process there."""
     target = os.environ.get("SDTRAIN_TEST_HANG_IN_STATE_SAVE")
-    if target and int(target) == step and point == "mid-save":
+    if target and int(target) == step:
         Path(os.environ["SDTRAIN_TEST_HANG_MARKER"]).touch()
         while True:
             time.sleep(1)
@@ -151,13 +133,13 @@ def save_training_state(trainer) -> Path | None:
     accelerator.save_state(str(temp), safe_serialization=True)
     if accelerator.is_main_process:
         (temp / TRAINER_STATE).write_text(json.dumps(trainer_state(trainer), indent=1))
-        _fault_injection("mid-save", step)
+        _hang_if_asked(step)
         (temp / COMPLETE).write_text("ok\n")
-        _fsync_tree(temp)
+        fsync_tree(temp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         _prune_states(root, trainer.cfg.save.keep_last_states)
     accelerator.wait_for_everyone()
     return final
