@@ -36,3 +36,15 @@ def module_kinds(adapter_file):
         shape = module.weight_shape
         found.add((module.group, "linear" if len(shape) == 2 else f"conv{shape[2]}x{shape[3]}"))
     return found
+
+
+@torch.no_grad()
+def randomize(modules, up_std: float, magnitude_spread: float, down_std: float | None = None) -> None:
+    """Random adapter weights from the current torch seed: lora_down ~ N(0, down_std) when given,
+    lora_up ~ N(0, up_std), magnitude scaled by 1 + magnitude_spread · N(0, 1) (when the module has one)."""
+    for module in modules:
+        if down_std is not None:
+            module.lora_down.weight.normal_(0, down_std)
+        module.lora_up.weight.normal_(0, up_std)
+        if module.magnitude is not None:
+            module.magnitude.mul_(1 + magnitude_spread * torch.randn_like(module.magnitude))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers_adapters import randomize
 from sdtrain.adapters.inject import NetworkSpec, inject_adapters
 from sdtrain.cli import main
 from sdtrain.export.adapter_file import save_adapter
@@ -22,10 +23,7 @@ def files(tmp_path_factory):
         spec = NetworkSpec(rank=4, alpha=2.0, decompose_axis=axis, preset="attn", train_text_encoder=True)
         adapters = inject_adapters(pipe.unet, [pipe.text_encoder], "sd15", spec)
         torch.manual_seed(5)
-        with torch.no_grad():
-            for module in adapters.modules.values():
-                module.lora_up.weight.normal_(0, 0.02)
-                module.magnitude.mul_(1 + 0.05 * torch.randn_like(module.magnitude))
+        randomize(adapters.modules.values(), up_std=0.02, magnitude_spread=0.05)
         meta = build_metadata("sd15", spec, output_name=f"style_{axis}", tag_frequency={"imgs": {"cat": 2}})
         paths[axis] = save_adapter(adapters, folder / f"{axis}.safetensors", dtype="fp16", metadata=meta)
     return paths

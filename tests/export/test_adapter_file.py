@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers_adapters import CONVS, encoders, module_kinds as kinds, outputs
+from helpers_adapters import CONVS, encoders, module_kinds as kinds, outputs, randomize
 from sdtrain.adapters.inject import NetworkSpec, inject_adapters
 from sdtrain.errors import ModelLoadError
 from sdtrain.export.adapter_file import (
@@ -33,11 +33,7 @@ def trained(arch, axis="input", alpha=3.0, rank=4, seed=1):
                        train_text_encoder=True)
     adapters = inject_adapters(pipe.unet, encoders(pipe), arch, spec)
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for module in adapters.modules.values():
-            module.lora_down.weight.normal_(0, 0.2)
-            module.lora_up.weight.normal_(0, 0.05)
-            module.magnitude.mul_(1 + 0.1 * torch.randn_like(module.magnitude))
+    randomize(adapters.modules.values(), up_std=0.05, magnitude_spread=0.1, down_std=0.2)
     return pipe, adapters, spec
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from helpers_adapters import encoders, outputs
+from helpers_adapters import encoders, outputs, randomize
 from sdtrain.adapters.inject import NetworkSpec, inject_adapters
 from sdtrain.cli import main
 from sdtrain.export.adapter_file import adapters_from_file, load_adapter, save_adapter
@@ -18,10 +18,7 @@ def adapter(tmp_path, arch, axis):
     spec = NetworkSpec(rank=4, alpha=3.0, decompose_axis=axis, preset="attn", include=[CONVS], train_text_encoder=True)
     adapters = inject_adapters(pipe.unet, encoders(pipe), arch, spec)
     torch.manual_seed(4)
-    with torch.no_grad():
-        for module in adapters.modules.values():
-            module.lora_up.weight.normal_(0, 0.05)
-            module.magnitude.mul_(1 + 0.1 * torch.randn_like(module.magnitude))
+    randomize(adapters.modules.values(), up_std=0.05, magnitude_spread=0.1)
     return save_adapter(adapters, tmp_path / f"{arch}.safetensors", dtype="fp32")
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers_adapters import randomize
 from sdtrain.adapters.dora import DoRAConv2d, DoRALinear
 from sdtrain.export import ui_rules
 from sdtrain.export.adapter_file import adapter_file_from_tensors, module_tensors
@@ -42,10 +43,7 @@ def trained(kind: str, axis: str, rank: int = 4, alpha: float = 3.0, decompose: 
     base = KINDS[kind]()
     cls = DoRALinear if isinstance(base, nn.Linear) else DoRAConv2d
     module = cls(base, rank, alpha, decompose=decompose, axis=axis)
-    with torch.no_grad():
-        module.lora_up.weight.normal_(0, 0.02)
-        if module.magnitude is not None:
-            module.magnitude.mul_(1 + 0.05 * torch.randn_like(module.magnitude))
+    randomize([module], up_std=0.02, magnitude_spread=0.05)
     return module
 
 
@@ -155,9 +153,7 @@ def test_alpha_folding_makes_a1111_19_exact():
 def test_one_dimensional_dora_scale_misleads_comfyui():
     base = nn.Linear(32, 32)  # square: a 1-D input-axis magnitude looks like an output-axis one
     module = DoRALinear(base, 4, 4.0, axis="input")
-    with torch.no_grad():
-        module.lora_up.weight.normal_(0, 0.02)
-        module.magnitude.mul_(1 + 0.05 * torch.randn_like(module.magnitude))
+    randomize([module], up_std=0.02, magnitude_spread=0.05)
     w0, down, up = base.weight, module.lora_down.weight.detach(), module.lora_up.weight.detach()
     ours = module.merged_weight()
     two_d = ui_rules.comfyui_current(w0, down, up, 4.0, module.magnitude.detach().reshape(1, -1))

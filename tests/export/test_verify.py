@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from helpers_adapters import CONVS, encoders, module_kinds
+from helpers_adapters import CONVS, encoders, module_kinds, randomize
 from sdtrain.adapters.inject import NetworkSpec, inject_adapters
 from sdtrain.adapters.names import module_index
 from sdtrain.export.adapter_file import load_adapter, save_adapter
@@ -32,10 +32,7 @@ def adapter_path(tmp_path, arch, axis, preset="attn-mlp", include=(CONVS,)):
                        train_text_encoder=True)
     adapters = inject_adapters(pipe.unet, encoders(pipe), arch, spec)
     torch.manual_seed(2)
-    with torch.no_grad():
-        for module in adapters.modules.values():
-            module.lora_up.weight.normal_(0, 0.02)
-            module.magnitude.mul_(1 + 0.05 * torch.randn_like(module.magnitude))
+    randomize(adapters.modules.values(), up_std=0.02, magnitude_spread=0.05)
     path = save_adapter(adapters, tmp_path / f"{arch}_{axis}.safetensors", dtype="fp32",
                         metadata=build_metadata(arch, spec, output_name=f"{arch}_{axis}"))
     return path, adapters
