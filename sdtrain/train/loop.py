@@ -240,9 +240,9 @@ class Trainer:
         from sdtrain.train.optim import build_lr_scheduler, build_optimizer
 
         cfg = self.cfg
-        lrs = {"unet": cfg.optimizer.unet_lr or cfg.optimizer.lr,
-               "te1": cfg.optimizer.text_encoder_lr or cfg.optimizer.lr,
-               "te2": cfg.optimizer.text_encoder_2_lr or cfg.optimizer.text_encoder_lr or cfg.optimizer.lr}
+        # per-group rates; the config resolver already filled unset ones from optimizer.lr
+        lrs = {"unet": cfg.optimizer.unet_lr, "te1": cfg.optimizer.text_encoder_lr,
+               "te2": cfg.optimizer.text_encoder_2_lr}
         groups = self.adapters.param_groups(lrs)
         optimizer = build_optimizer(groups, cfg.optimizer.type, cfg.optimizer.lr, cfg.optimizer.weight_decay,
                                     cfg.optimizer.betas, cfg.optimizer.eps, cfg.optimizer.args)
@@ -427,16 +427,16 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.is_main or not self.cfg.sample.prompts:
             return
+        from sdtrain.train.plan import resolution_of
+
         cfg, base = self.cfg, self.base
+        width, height = resolution_of(cfg, self.arch)
+        defaults = {"steps": cfg.sample.steps, "cfg": cfg.sample.cfg_scale, "seed": cfg.sample.seed,
+                    "width": width, "height": height}
         prompts = []
-        for line in cfg.sample.prompts:
-            parsed = parse_prompt_line(line)
-            width, height = self.plan.dataset.bucketing.resolution if isinstance(
-                self.plan.dataset.bucketing.resolution, tuple) else (self.plan.dataset.bucketing.resolution,) * 2
-            defaults = {"steps": cfg.sample.steps, "cfg": cfg.sample.cfg_scale, "seed": cfg.sample.seed,
-                        "width": width, "height": height}
-            prompts.append({k: v for k, v in {**defaults, **{k: v for k, v in parsed.items() if v is not None}}.items()
-                            if v is not None})
+        for line in cfg.sample.prompts:  # a prompt line's own --w --h --d --l --s win over the defaults
+            given = {k: v for k, v in parse_prompt_line(line).items() if v is not None}
+            prompts.append({k: v for k, v in {**defaults, **given}.items() if v is not None})
         unet = self.accelerator.unwrap_model(self.unet)
         with self.accelerator.autocast():
             paths = sample_images(base.arch, unet=unet, vae=base.vae, text_encoders=base.text_encoders,
