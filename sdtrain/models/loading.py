@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sdtrain.config.schema import BUILTIN_MODELS
 from sdtrain.errors import ConfigError, ModelLoadError
 from sdtrain.models.ldm_layout import (
     VAE_PREFIX,
@@ -39,7 +40,7 @@ from sdtrain.models.single_file import (
 )
 
 ARCHS = ("sd15", "sd2", "sdxl")
-BUILTINS = {"builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl"}
+BUILTINS = BUILTIN_MODELS  # builtin:tiny-* name -> arch (defined with the config schema)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OFFLINE_SINGLE_FILE = (
     "offline single-file loading needs model.config_dir = a local diffusers folder of the same architecture "
@@ -121,7 +122,8 @@ def _read_json(path: Path) -> dict:
         ) from exc
 
 
-def _folder_arch(folder: Path) -> str:
+def folder_arch(folder: Path) -> str:
+    """The family of a diffusers folder, from its JSON configs alone (no weights are read)."""
     index = _read_json(folder / "model_index.json")
     components = {k for k, v in index.items() if isinstance(v, list) and v and v[0]}
     if {"unet", "vae", "text_encoder", "text_encoder_2"} <= components:
@@ -205,7 +207,7 @@ def _load_hub(repo_id: str, arch: str, offline: bool, dtype: torch.dtype) -> tup
             f"model.path = {repo_id!r}: no such local file or folder, and as a hub id it {how} ({exc}); "
             "download it while online or point model.path at a local diffusers folder or .safetensors file"
         ) from exc
-    found = _check_arch(arch, _folder_arch(folder), f"hub model {repo_id}")
+    found = _check_arch(arch, folder_arch(folder), f"hub model {repo_id}")
     return found, _load_folder(folder, found, dtype), folder
 
 
@@ -230,7 +232,7 @@ def _load_single_file(path: Path, arch: str, config_dir, allow_pickle: bool, dty
                 f"model.config_dir = {config_dir} is not a diffusers folder (no model_index.json); "
                 + OFFLINE_SINGLE_FILE
             )
-        config_arch = _folder_arch(config_dir)
+        config_arch = folder_arch(config_dir)
         if config_arch != arch:
             raise ModelLoadError(
                 f"model.config_dir = {config_dir} holds a {config_arch} model but {path} is {arch}; "
@@ -382,7 +384,7 @@ def load_base(
                 f"model.path: {fs_path} is a folder without model_index.json; point it at a diffusers pipeline "
                 "folder (saved with save_pretrained) or a .safetensors checkpoint"
             )
-        found = _check_arch(arch, _folder_arch(fs_path), f"folder {fs_path}")
+        found = _check_arch(arch, folder_arch(fs_path), f"folder {fs_path}")
         parts = _load_folder(fs_path, found, dtype)
         source = f"diffusers folder {fs_path.resolve()}"
     elif fs_path.is_file():

@@ -17,11 +17,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdtrain.config.schema import BUILTIN_MODELS
 from sdtrain.data.buckets import Bucketing
 from sdtrain.data.captions import CaptionOptions
 from sdtrain.data.dataset import ScannedDataset, SubsetSpec, locate_step, scan_dataset, steps_per_epoch
 
-BUILTIN_ARCH = {"builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl"}
 
 
 def subset_specs(cfg) -> list[SubsetSpec]:
@@ -57,35 +57,24 @@ def bucketing_for(cfg, arch: str) -> Bucketing:
                      max_side=cfg.data.max_bucket_side, step=cfg.data.bucket_step, no_upscale=cfg.data.no_upscale)
 
 
-def _folder_arch(folder: Path) -> str | None:
-    index = folder / "model_index.json"
-    if not index.is_file():
-        return None
-    name = json.loads(index.read_text()).get("_class_name", "")
-    if "XL" in name:
-        return "sdxl"
-    unet_config = folder / "unet" / "config.json"
-    if unet_config.is_file() and json.loads(unet_config.read_text()).get("cross_attention_dim") == 1024:
-        return "sd2"
-    return "sd15"
-
-
 def detect_arch(cfg) -> str:
     """The model family from config, folder or single-file header, without loading weights."""
+    from sdtrain.models.loading import folder_arch
+
     if cfg.model.arch not in (None, "auto"):
         return cfg.model.arch
     path = str(cfg.model.path)
-    if path in BUILTIN_ARCH:
-        return BUILTIN_ARCH[path]
+    if path in BUILTIN_MODELS:
+        return BUILTIN_MODELS[path]
     local = Path(path)
     if local.is_dir():
-        return _folder_arch(local) or "sd15"
+        return folder_arch(local)
     if local.is_file() and local.suffix == ".safetensors":
         from sdtrain.models.single_file import detect_single_file_arch
 
         return detect_single_file_arch(local)
     if cfg.model.config_dir:
-        return _folder_arch(Path(cfg.model.config_dir)) or "sd15"
+        return folder_arch(Path(cfg.model.config_dir))
     return "sdxl" if "xl" in path.lower() else "sd15"
 
 
@@ -113,10 +102,10 @@ def model_configs(cfg, arch: str):
     """(unet config, [text encoder configs], source) without weights: the builtin model's, a local diffusers
     folder's (the model or model.config_dir), else the released architecture of the family."""
     path = str(cfg.model.path)
-    if path in BUILTIN_ARCH:
+    if path in BUILTIN_MODELS:
         from sdtrain.models.tiny import tiny_configs
 
-        return (*tiny_configs(BUILTIN_ARCH[path]), "builtin")
+        return (*tiny_configs(BUILTIN_MODELS[path]), "builtin")
     folder = Path(path) if Path(path).is_dir() else (Path(cfg.model.config_dir) if cfg.model.config_dir else None)
     if folder is None or not (folder / "unet" / "config.json").is_file():
         return (*reference_configs(arch), "reference")
