@@ -41,6 +41,7 @@ _MIN_CHUNK = 128  # matmul chunks never get fewer rows/columns than this (GEMM e
 _FORWARD_CHUNK_ELEMS = 1 << 22  # input-axis forward: scale x in row chunks above this size
 _CONV_WEIGHT_CHUNK = 1 << 22  # frozen convs run in output-channel chunks of ≤ this many weights
 _CONV_GRAD_CHUNKS = 4  # conv input gradients whose g exceeds the chunk budget: this many chunks
+_SAVE_PRESCALE_ELEMS = 1 << 15  # output axis: outputs up to this size keep the pre-scale activations z for backward
 
 
 # ---------------------------------------------------------------- dense helpers (export, verification, tests)
@@ -108,6 +109,8 @@ def _dot_rows(a: torch.Tensor, b: torch.Tensor, offset: torch.Tensor | None, bud
 
     Works in row chunks of about `budget` elements so the temporary stays bounded.
     """
+    if offset is None and a.numel() <= budget:
+        return (a * b.to(torch.float32)).sum(0)
     off = None if offset is None else offset.to(torch.float32)
     slices = _steps(a.shape[0], budget // max(a.shape[1], 1))
     total = None
@@ -166,6 +169,10 @@ class _LinearOps:
             y.mul_(c)
         else:
             torch.addcmul(bias, y, c, out=y)
+
+    def scaled(self, z, c, bias):
+        """c ⊙ z + bias as a new tensor."""
+        return z * c if bias is None else torch.addcmul(bias, z, c)
 
     def up_input_grad(self, g, b):
         return g @ b
@@ -275,6 +282,10 @@ class _ConvOps:
         else:
             torch.addcmul(bias.view(1, -1, 1, 1), y, cv, out=y)
 
+    def scaled(self, z, c, bias):
+        cv = c.view(1, -1, 1, 1)
+        return z * cv if bias is None else torch.addcmul(bias.view(1, -1, 1, 1), z, cv)
+
     def up_input_grad(self, g, b):
         n, out = g.shape[:2]
         b2 = b.reshape(out, -1)
@@ -317,6 +328,8 @@ class _ConvOps:
     def channel_dot(self, a, b, offset, budget):
         """Σ over N, H, W of a ⊙ (b − offset) per channel (dim 1), fp32, in channel chunks."""
         n, channels = a.shape[:2]
+        if offset is None and a.numel() <= budget:
+            return (a * b.to(torch.float32)).sum((0, 2, 3))
         total = torch.empty(channels, dtype=torch.float32, device=a.device)
         off = None if offset is None else offset.to(torch.float32).view(1, -1, 1, 1)
         for sl in _steps(channels, budget // max(a[:, 0].numel(), 1)):
@@ -357,36 +370,61 @@ class _ConvOps:
 class _OutputAxisFn(torch.autograd.Function):
     """y = c ⊙ (base(x) + s·up(down(x))) + bias; plain LoRA when c is None. Base weight and bias frozen.
 
-    Saves x, x·Aᵀ and (DoRA) the output y; backward recovers the pre-scale activations z as
-    (y − bias) / c for the gradient of c, recomputing channels with |c| < _SMALL_SCALE exactly.
+    c is the channel scale itself, or (when `inv` is given) the magnitude m with c = m ⊙ inv, inv the
+    detached 1/‖V‖; the gradient then goes to m directly. Saves x, x·Aᵀ and (DoRA) either the output
+    y, from which backward recovers the pre-scale activations z as (y − bias) / c (recomputing channels
+    with |c| < _SMALL_SCALE exactly), or, for outputs of ≤ _SAVE_PRESCALE_ELEMS elements, z itself:
+    fewer ops where per-op overhead dominates, for at most that many elements more memory.
     The reduction for grad c runs first, before the input and weight gradients exist; the scaled
     copy of g runs in chunks of ≤ max(A and B gradient size, 5% of grad x + output), so the peak
     stays within a few percent of plain LoRA's.
     """
 
     @staticmethod
-    def forward(ctx, x, w, bias, a, b, c, s, ops):
+    def forward(ctx, x, w, bias, a, b, c, inv, s, ops):
         h = ops.down(x, a)
+        ctx.ops, ctx.s, ctx.prescale = ops, s, False
         if c is None:
             y = ops.base(x, w, bias)
             ops.add_up_(y, h, b, s)
-        else:
-            y = ops.base(x, w, None)
-            ops.scale_shift_(y, c, bias)
-            ops.add_up_(y, h, b * (s * c).to(b.dtype).view(_channel_shape("output", b.dim())), 1.0)
-        ctx.ops, ctx.s = ops, s
-        ctx.save_for_backward(x, w, bias, a, b, h, c, None if c is None else y)
+            ctx.save_for_backward(x, w, bias, a, b, h, None, None, None)
+            return y
+        if inv is not None:
+            c = c * inv
+        y = ops.base(x, w, None)
+        if y.numel() <= _SAVE_PRESCALE_ELEMS:
+            ops.add_up_(y, h, b, s)
+            z, y = y, ops.scaled(y, c.to(y.dtype), bias)
+            ctx.prescale = True
+            ctx.save_for_backward(x, w, None, a, b, h, c, inv, z)
+            return y
+        ops.scale_shift_(y, c, bias)
+        ops.add_up_(y, h, b * (s * c).to(b.dtype).view(_channel_shape("output", b.dim())), 1.0)
+        ctx.save_for_backward(x, w, bias, a, b, h, c, inv, y)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, w, bias, a, b, h, c, y = ctx.saved_tensors
+        x, w, bias, a, b, h, c, inv, y = ctx.saved_tensors
         ops, s = ctx.ops, ctx.s
         need_x, need_a, need_b, need_c = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         x_size, grads_size = ops.sizes(x, w, a.shape[0])
         grad_x = grad_a = grad_b = grad_c = None
+        if ctx.prescale:  # y holds z; work with g ⊙ c directly (small tensors)
+            gc = g * ops.out_view(c.to(g.dtype))
+            if need_c:
+                grad_c = ops.channel_dot(g, y, None, g.numel())
+                grad_c = grad_c if inv is None else grad_c.mul_(inv)
+            if need_x or need_a:
+                gh = ops.up_input_grad(gc, b * s)
+                grad_x = ops.base_input_grad(gc, w, x) if need_x else None
+                grad_a = ops.down_backward(gh, x, a, grad_x, need_a)
+            if need_b:
+                grad_b = ops.up_weight_grad(gc, h).mul_(s)
+            return grad_x, None, None, grad_a, grad_b, grad_c, None, None, None
         if need_c:
             grad_c = _scale_grad(ops, g, y, bias, c, x, w, h, b, s, min(x_size + grads_size, _CHUNK_ELEMS))
+            grad_c = grad_c if inv is None else grad_c.mul_(inv)
         coef = s if c is None else (s * c).to(b.dtype).view(_channel_shape("output", b.dim()))
         if need_x or need_a:
             gh = ops.up_input_grad(g, b * coef)
@@ -395,7 +433,7 @@ class _OutputAxisFn(torch.autograd.Function):
             grad_a = ops.down_backward(gh, x, a, grad_x, need_a)
         if need_b:
             grad_b = ops.up_weight_grad(g, h).mul_(coef)
-        return grad_x, None, None, grad_a, grad_b, grad_c, None, None
+        return grad_x, None, None, grad_a, grad_b, grad_c, None, None, None
 
 
 def _scale_grad(ops, g, y, bias, c, x, w, h, b, s, budget) -> torch.Tensor:
@@ -414,16 +452,18 @@ class _InputAxisFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, bias, a, b, c, s, ops):
+    def forward(ctx, x, w, bias, a, b, c, inv, s, ops):
+        if inv is not None:
+            c = c * inv
         y, h = ops.scaled_input_forward(x, c, w, bias, a)
         ops.add_up_(y, h, b, s)
         ctx.ops, ctx.s = ops, s
-        ctx.save_for_backward(x, w, a, b, h, c)
+        ctx.save_for_backward(x, w, a, b, h, c, inv)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, w, a, b, h, c = ctx.saved_tensors
+        x, w, a, b, h, c, inv = ctx.saved_tensors
         ops, s = ctx.ops, ctx.s
         need_x, need_a, need_b, need_c = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         x_size, grads_size = ops.sizes(x, w, a.shape[0])
@@ -437,6 +477,7 @@ class _InputAxisFn(torch.autograd.Function):
             if need_c:
                 # grad_xc exists, the A and B gradients not yet: chunks up to their size are free
                 grad_c = ops.channel_dot(x, grad_xc, None, max(grads_size, min(_CHUNK_ELEMS, x_size // 16)))
+                grad_c = grad_c if inv is None else grad_c.mul_(inv)
             if need_x:
                 grad_x = grad_xc.mul_(ops.in_view(c))
             del grad_xc
@@ -445,7 +486,7 @@ class _InputAxisFn(torch.autograd.Function):
                 grad_a.mul_(c.to(grad_a.dtype).view(_channel_shape("input", grad_a.dim())))
         if need_b:
             grad_b = ops.up_weight_grad(g, h).mul_(s)
-        return grad_x, None, None, grad_a, grad_b, grad_c, None, None
+        return grad_x, None, None, grad_a, grad_b, grad_c, None, None, None
 
 
 # ---------------------------------------------------------------- modules
@@ -459,6 +500,7 @@ class DoRAModule(nn.Module):
     """
 
     fused = True  # False: always the plain-autograd path (same math; for benchmarks and debugging)
+    _norm_batch = None  # a ChannelNormBatch computing this adapter's 1/‖V‖ together with its peers
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, *, decompose: bool = True,
                  axis: str = "output", detach_norm: bool = True):
@@ -626,13 +668,21 @@ class DoRAModule(nn.Module):
         base = self.base_norm_squared()
         return low.add_(base).clamp_min_(0) if in_place else (low + base).clamp_min(0)
 
+    def inverse_norm(self) -> torch.Tensor:
+        """1/‖V‖ per channel on the axis (fp32, no gradient): batched with same-shaped adapters when
+        `batch_channel_norms` grouped this one, else computed here."""
+        batch = self._norm_batch
+        if batch is not None:
+            inv = batch.inverse_norm(self)
+            if inv is not None:
+                return inv
+        with torch.no_grad():
+            return self.norm_squared().add_(NORM_EPS).rsqrt_()
+
     def _channel_scale(self) -> torch.Tensor:
         if self.detach_norm:
-            with torch.no_grad():
-                inv = self.norm_squared().add_(NORM_EPS).rsqrt_()
-        else:
-            inv = (self.norm_squared() + NORM_EPS).rsqrt()
-        return self.magnitude * inv
+            return self.magnitude * self.inverse_norm()
+        return self.magnitude * (self.norm_squared() + NORM_EPS).rsqrt()
 
     def channel_scale(self) -> torch.Tensor:
         """c = m / ‖V‖ per channel (fp32, ‖V‖ = sqrt(‖V‖² + NORM_EPS)), ‖V‖ detached when detach_norm."""
@@ -659,13 +709,14 @@ class DoRAModule(nn.Module):
         fast = self.fused and not (w.requires_grad or (bias is not None and bias.requires_grad))
         if not self.decompose:
             if fast:
-                return _OutputAxisFn.apply(x, w, bias, a, b, None, k * self.scale, self._ops())
+                return _OutputAxisFn.apply(x, w, bias, a, b, None, None, k * self.scale, self._ops())
             return self._composite(x, w, bias, a, b, None, k)
-        c = self._channel_scale()
         if fast and k == 1.0:
             fn = _OutputAxisFn if self.axis == "output" else _InputAxisFn
-            return fn.apply(x, w, bias, a, b, c, self.scale, self._ops())
-        return self._composite(x, w, bias, a, b, c, k)
+            if self.detach_norm:  # the Function takes m and 1/‖V‖ and returns the gradient of m itself
+                return fn.apply(x, w, bias, a, b, self.magnitude, self.inverse_norm(), self.scale, self._ops())
+            return fn.apply(x, w, bias, a, b, self._channel_scale(), None, self.scale, self._ops())
+        return self._composite(x, w, bias, a, b, self._channel_scale(), k)
 
     def _composite(self, x, w, bias, a, b, c, k):
         """Plain-autograd path (any strength, trainable base weight): the layer with weight W0 + k·(W' − W0)."""

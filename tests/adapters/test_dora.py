@@ -25,6 +25,15 @@ LAYERS = {
 }
 
 
+@pytest.fixture(autouse=True, params=["keep-z", "recover-z"])
+def output_axis_backward(request, monkeypatch):
+    """Run every test with both output-axis backward variants: these small layers keep the pre-scale
+    activations z by default ("keep-z"); "recover-z" forces the large-layer path that rebuilds z from y."""
+    if request.param == "recover-z":
+        monkeypatch.setattr(dora, "_SAVE_PRESCALE_ELEMS", 0)
+    return request.param
+
+
 def rel_err(a, b):
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
@@ -343,3 +352,11 @@ def test_attributes_and_errors():
         DoRAConv2d(nn.Conv2d(4, 4, 3, groups=2), 2, 2.0)
     with pytest.raises(ConfigError, match="axis"):
         DoRALinear(nn.Linear(3, 3), 2, 2.0, axis="rows")
+
+
+def test_output_axis_backward_variant_is_the_one_under_test(output_axis_backward):
+    """Small outputs keep z = pre-scale activations; larger ones keep only y (the tests above run both)."""
+    module, x = make("linear")
+    y = module(x)
+    kept = y.grad_fn.next_functions[0][0].saved_tensors[-1]  # Linear output is viewed back to [..., out]
+    assert torch.equal(kept, y.reshape(kept.shape)) == (output_axis_backward == "recover-z")

@@ -1,0 +1,134 @@
+"""1/‖W0 + s·B·A‖ of many small same-shaped DoRA adapters, computed together in batched ops.
+
+On a small layer the per-layer norm (`DoRAModule.norm_squared` in sdtrain.adapters.dora) is a dozen tiny ops whose
+fixed cost dominates: on the tiny test models it was about a third of DoRA's extra step time. Adapters whose
+base weight has at most `MAX_BATCHED_WEIGHT` elements and that share weight shape, rank, scale, axis, dtype
+and device form one `ChannelNormBatch`: W0 is stacked once (an fp32 copy, refreshed when a base weight
+changes) and the norms of the whole group come from the same low-rank identity in a dozen batched ops.
+
+Only detached norms (`detach_norm=True`, the default) are batched: the result carries no gradient. The
+values are cached: each adapter checks its own A, B and W0 (version counters and storage) on every
+call, and a changed one recomputes its whole group, so an optimizer step, `load_state_dict` or an in-place
+edit is seen, while gradient accumulation and checkpoint recomputation reuse the cached values.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from sdtrain.adapters.dora import NORM_EPS, DoRAModule
+
+__all__ = ["MAX_BATCHED_WEIGHT", "ChannelNormBatch", "batch_channel_norms"]
+
+MAX_BATCHED_WEIGHT = 1 << 16  # base weights up to this many elements are batched (a 256×256 Linear)
+
+
+def _tensors(module):
+    """A, B and the unmerged W0 of a DoRA module (read from the module's dicts: this runs per layer and step)."""
+    children = module._modules
+    a = children["lora_down"]._parameters["weight"]
+    b = children["lora_up"]._parameters["weight"]
+    w = module._buffers["_unmerged_weight"] if module.merged else children["base"]._parameters["weight"]
+    return a, b, w
+
+
+def _state_key(a, b, w):
+    """What a cached norm depends on: A, B and W0 (storage and version counter)."""
+    return a._version, b._version, w._version, a.data_ptr(), b.data_ptr(), w.data_ptr()
+
+
+class ChannelNormBatch:
+    """The inverse channel norms of a group of same-shaped DoRA adapters (see the module docstring)."""
+
+    def __init__(self, modules):
+        self.members = [weakref.ref(m) for m in modules]
+        self.keys: list = [None] * len(self.members)
+        self.inv: torch.Tensor | None = None  # [members, channels] fp32
+        self.rows: tuple = ()  # its rows, one view per member
+        self._w0 = self._base_sq = self._w0_keys = None
+        for slot, module in enumerate(modules):
+            module._norm_batch, module._norm_slot = self, slot
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    # a copied or unpickled module gets an empty batch and computes its own norm
+    def __deepcopy__(self, memo):
+        return ChannelNormBatch([])
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__([])
+
+    def inverse_norm(self, module) -> torch.Tensor | None:
+        """1/‖V‖ of `module` (fp32, [channels]), or None when it is not (or no longer) batchable here."""
+        slot = getattr(module, "_norm_slot", -1)
+        if not 0 <= slot < len(self.members) or self.members[slot]() is not module:
+            return None
+        try:
+            key = _state_key(*_tensors(module))
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+        if self.inv is None or key != self.keys[slot]:
+            if not self._compute():
+                return None
+        return self.rows[slot]
+
+    def _compute(self) -> bool:
+        modules = [ref() for ref in self.members]
+        if any(m is None for m in modules):
+            self.members = []  # a member was deleted: every adapter computes its own norm
+            return False
+        tensors = [_tensors(m) for m in modules]
+        if len({(a.device, w.device) for a, _, w in tensors}) != 1:
+            self.members = []  # members were moved apart: likewise
+            return False
+        first = modules[0]
+        axis, s, rank = first.axis, first.scale, first.rank
+        count = len(modules)
+        with torch.inference_mode(False), torch.no_grad():
+            shape = tensors[0][2].shape
+            w_keys = [(w.data_ptr(), w._version, w.dtype) for _, _, w in tensors]
+            if self._w0 is None or w_keys != self._w0_keys:
+                w0 = torch.stack([w for _, _, w in tensors]).reshape(count, shape[0], -1).to(torch.float32)
+                if axis == "output":  # [G, out, K]
+                    base_sq = w0.square().sum(2)
+                else:
+                    base_sq = w0.square().sum(1).view(count, shape[1], -1).sum(2)
+                self._w0, self._base_sq, self._w0_keys = w0, base_sq, w_keys
+            w0 = self._w0
+            a = torch.stack([a for a, _, _ in tensors]).reshape(count, rank, -1).to(torch.float32)  # [G, r, K]
+            b = torch.stack([b for _, b, _ in tensors]).reshape(count, shape[0], rank).to(torch.float32)  # [G, out, r]
+            if axis == "output":
+                # t = 2s·W0·Aᵀ + s²·B·(A·Aᵀ), [G, out, r]; ‖V‖²_row − ‖W0‖²_row = rowdot(t, B)
+                t = torch.bmm(w0, a.transpose(1, 2))
+                t.baddbmm_(b, torch.bmm(a, a.transpose(1, 2)), beta=2 * s, alpha=s * s)
+                low = t.mul_(b).sum(2)
+            else:
+                # t = 2s·Bᵀ·W0 + s²·(Bᵀ·B)·A, [G, r, K]; ‖V‖²_col − ‖W0‖²_col = coldot(t, A)
+                bt = b.transpose(1, 2)
+                t = torch.bmm(bt, w0)
+                t.baddbmm_(torch.bmm(bt, b), a, beta=2 * s, alpha=s * s)
+                low = t.mul_(a).sum(1).view(count, shape[1], -1).sum(2)
+            self.inv = low.add_(self._base_sq).clamp_min_(0).add_(NORM_EPS).rsqrt_()
+            self.rows = self.inv.unbind(0)
+            self.keys = [_state_key(*t) for t in tensors]
+        return True
+
+
+def batch_channel_norms(modules) -> list[ChannelNormBatch]:
+    """Group the small DoRA adapters among `modules` by shape; returns the batches (groups of ≥ 2)."""
+    groups: dict[tuple, list] = {}
+    for module in modules:
+        if not (isinstance(module, DoRAModule) and module.decompose and module.detach_norm):
+            continue
+        w = module.base.weight
+        if w.numel() > MAX_BATCHED_WEIGHT:
+            continue
+        key = (module.axis, tuple(w.shape), module.rank, module.scale, w.dtype, w.device)
+        groups.setdefault(key, []).append(module)
+    return [ChannelNormBatch(members) for members in groups.values() if len(members) >= 2]
