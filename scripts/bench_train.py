@@ -1,10 +1,12 @@
 """Training step time: DoRA vs plain LoRA at the same rank, measured side by side in one run.
 
-Builds two trainers on the tiny SDXL model (the real training loop: cached latents, text encoding, UNet
-forward/backward, 8-bit AdamW step) and times their optimizer steps interleaved (DoRA, LoRA, DoRA, ...), so
-machine noise hits both alike. Prints a markdown table with the median step times and the ratio.
+Builds the trainers on the tiny SDXL model (the real training loop: cached latents, text encoding, UNet
+forward/backward, 8-bit AdamW step) and times their optimizer steps interleaved (LoRA, DoRA, DoRA with per-layer
+norms, LoRA, ...), so machine noise hits all alike. "dora-per-layer" is DoRA with the batched channel norms of
+sdtrain.adapters.norm_batch switched off (each layer computes its own norm). Each resolution is one such
+side-by-side run. Prints a markdown table with the median step times and the ratios to LoRA.
 
-    python scripts/bench_train.py --steps 30 --resolution 128 --rank 8
+    python scripts/bench_train.py --steps 20 --warmup 3 --resolution 128 256 512
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--resolution", type=int, nargs="+", default=[128])
     parser.add_argument("--preset", default="attn-mlp", choices=["attn", "attn-mlp", "full"])
     parser.add_argument("--optimizer", default="AdamW8bit")
     parser.add_argument("--text-encoder", action="store_true", help="also train text-encoder adapters")
@@ -56,27 +58,36 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        trainers = {kind: make_trainer(kind, args, work) for kind in ("dora", "lora")}
-        times = {kind: [] for kind in trainers}
-        for step in range(args.warmup + args.steps):
-            for kind, trainer in trainers.items():
-                start = time.perf_counter()
-                trainer.optimizer_step(step)
-                elapsed = time.perf_counter() - start
-                if step >= args.warmup:
-                    times[kind].append(elapsed)
-    median = {kind: statistics.median(values) for kind, values in times.items()}
+    kinds = ("lora", "dora", "dora-per-layer")
+    rows = []
+    for resolution in args.resolution:
+        run_args = argparse.Namespace(**{**vars(args), "resolution": resolution})
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            trainers = {kind: make_trainer(kind.split("-")[0], run_args, work / kind) for kind in kinds}
+            for module in trainers["dora-per-layer"].adapters.modules.values():
+                module._norm_batch = None
+            times = {kind: [] for kind in trainers}
+            for step in range(args.warmup + args.steps):
+                for kind, trainer in trainers.items():
+                    start = time.perf_counter()
+                    trainer.optimizer_step(step)
+                    elapsed = time.perf_counter() - start
+                    if step >= args.warmup:
+                        times[kind].append(elapsed)
+        median = {kind: statistics.median(values) * 1000 for kind, values in times.items()}
+        rows.append((resolution, median))
     device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"tiny SDXL, {args.resolution}px, batch {args.batch}, rank {args.rank}, preset {args.preset}, "
-          f"{args.optimizer}, text encoders {'on' if args.text_encoder else 'off'}, {device}; "
+    print(f"tiny SDXL, batch {args.batch}, rank {args.rank}, preset {args.preset}, {args.optimizer}, "
+          f"text encoders {'on' if args.text_encoder else 'off'}, {device}; "
           f"median of {args.steps} interleaved steps after {args.warmup} warm-up")
     print()
-    print("| adapter | step time (ms) | ratio to LoRA |")
-    print("|---|---:|---:|")
-    for kind in ("lora", "dora"):
-        print(f"| {kind} | {median[kind] * 1000:.1f} | {median[kind] / median['lora']:.3f} |")
+    print("| resolution | " + " | ".join(f"{k} (ms)" for k in kinds) + " | dora / lora | dora-per-layer / lora |")
+    print("|---:|" + "---:|" * (len(kinds) + 2))
+    for resolution, median in rows:
+        cells = " | ".join(f"{median[k]:.1f}" for k in kinds)
+        print(f"| {resolution} px | {cells} | {median['dora'] / median['lora']:.3f} | "
+              f"{median['dora-per-layer'] / median['lora']:.3f} |")
     return 0
 
 

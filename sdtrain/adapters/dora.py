@@ -42,6 +42,7 @@ _FORWARD_CHUNK_ELEMS = 1 << 22  # input-axis forward: scale x in row chunks abov
 _CONV_WEIGHT_CHUNK = 1 << 22  # frozen convs run in output-channel chunks of ≤ this many weights
 _CONV_GRAD_CHUNKS = 4  # conv input gradients whose g exceeds the chunk budget: this many chunks
 _SAVE_PRESCALE_ELEMS = 1 << 15  # output axis: outputs up to this size keep the pre-scale activations z for backward
+_FOLD_RATIO = 1.0  # output axis: scale W0's rows (not the output) when a filter has < this × output rows elements
 
 
 # ---------------------------------------------------------------- dense helpers (export, verification, tests)
@@ -146,6 +147,11 @@ def _scaled_mm(g: torch.Tensor, c: torch.Tensor, w: torch.Tensor, budget: int) -
     return result
 
 
+def _scaled_rows(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """c ⊙ W0 per output channel (first dim), in W0's dtype."""
+    return w * c.to(w.dtype).view(_channel_shape("output", w.dim()))
+
+
 # ---------------------------------------------------------------- layer-specific tensor ops
 
 
@@ -228,6 +234,11 @@ class _LinearOps:
     def sizes(x, w, r):
         """Element counts of the input gradient and of the A and B gradients, for chunk budgets."""
         return x.numel(), r * (w.shape[0] + w.shape[1])
+
+    @staticmethod
+    def output_rows(x, w):
+        """Output elements per output channel."""
+        return x.shape[0]
 
 
 class _ConvOps:
@@ -363,6 +374,13 @@ class _ConvOps:
         """Element counts of the input gradient and of the A and B gradients, for chunk budgets."""
         return x.numel(), r * (w.shape[0] + w[0].numel())
 
+    def output_rows(self, x, w):
+        """Output elements per output channel: N·H_out·W_out."""
+        rows = x.shape[0]
+        for size, k, s, p, d in zip(x.shape[2:], w.shape[2:], self.stride, self.padding, self.dilation):
+            rows *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+        return rows
+
 
 # ---------------------------------------------------------------- autograd Functions (strength 1)
 
@@ -391,14 +409,21 @@ class _OutputAxisFn(torch.autograd.Function):
             return y
         if inv is not None:
             c = c * inv
-        y = ops.base(x, w, None)
-        if y.numel() <= _SAVE_PRESCALE_ELEMS:
-            ops.add_up_(y, h, b, s)
-            z, y = y, ops.scaled(y, c.to(y.dtype), bias)
+        rows = ops.output_rows(x, w)
+        if rows * w.shape[0] <= _SAVE_PRESCALE_ELEMS:
+            z = ops.base(x, w, None)
+            ops.add_up_(z, h, b, s)
+            y = ops.scaled(z, c.to(z.dtype), bias)
             ctx.prescale = True
             ctx.save_for_backward(x, w, None, a, b, h, c, inv, z)
             return y
-        ops.scale_shift_(y, c, bias)
+        # c ⊙ (x·W0ᵀ) = x·(c ⊙ W0)ᵀ: scale the weight instead of the output where the weight is smaller
+        ctx.fold = w[0].numel() < rows * _FOLD_RATIO
+        if ctx.fold:
+            y = ops.base(x, _scaled_rows(w, c), bias)
+        else:
+            y = ops.base(x, w, None)
+            ops.scale_shift_(y, c, bias)
         ops.add_up_(y, h, b * (s * c).to(b.dtype).view(_channel_shape("output", b.dim())), 1.0)
         ctx.save_for_backward(x, w, bias, a, b, h, c, inv, y)
         return y
@@ -429,7 +454,12 @@ class _OutputAxisFn(torch.autograd.Function):
         if need_x or need_a:
             gh = ops.up_input_grad(g, b * coef)
             budget = max(grads_size, (x_size + g.numel()) // 20)  # ≤ 5% of LoRA's grad_x + output
-            grad_x = ops.base_input_grad(g, w, x, c, budget) if need_x else None
+            if not need_x:
+                grad_x = None
+            elif c is not None and ctx.fold:  # (g ⊙ c)·W0 = g·(c ⊙ W0)
+                grad_x = ops.base_input_grad(g, _scaled_rows(w, c), x, None, budget)
+            else:
+                grad_x = ops.base_input_grad(g, w, x, c, budget)
             grad_a = ops.down_backward(gh, x, a, grad_x, need_a)
         if need_b:
             grad_b = ops.up_weight_grad(g, h).mul_(coef)

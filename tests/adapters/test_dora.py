@@ -25,12 +25,14 @@ LAYERS = {
 }
 
 
-@pytest.fixture(autouse=True, params=["keep-z", "recover-z"])
+@pytest.fixture(autouse=True, params=["keep-z", "recover-z", "recover-z-fold"])
 def output_axis_backward(request, monkeypatch):
-    """Run every test with both output-axis backward variants: these small layers keep the pre-scale
-    activations z by default ("keep-z"); "recover-z" forces the large-layer path that rebuilds z from y."""
-    if request.param == "recover-z":
+    """Run every test with each output-axis variant: these small layers keep the pre-scale activations z
+    by default ("keep-z"); the others force the large-layer path that rebuilds z from y, scaling the
+    output by c ("recover-z") or W0's rows ("recover-z-fold", used where the weight is the smaller)."""
+    if request.param != "keep-z":
         monkeypatch.setattr(dora, "_SAVE_PRESCALE_ELEMS", 0)
+        monkeypatch.setattr(dora, "_FOLD_RATIO", 1e9 if request.param.endswith("fold") else 0.0)
     return request.param
 
 
@@ -359,4 +361,11 @@ def test_output_axis_backward_variant_is_the_one_under_test(output_axis_backward
     module, x = make("linear")
     y = module(x)
     kept = y.grad_fn.next_functions[0][0].saved_tensors[-1]  # Linear output is viewed back to [..., out]
-    assert torch.equal(kept, y.reshape(kept.shape)) == (output_axis_backward == "recover-z")
+    assert torch.equal(kept, y.reshape(kept.shape)) == (output_axis_backward != "keep-z")
+
+
+@pytest.mark.parametrize("name", [n for n in LAYERS if n.startswith("conv")])
+def test_conv_output_rows_match_the_conv(name):
+    module, x = make(name)
+    y = module.base(x)
+    assert module._ops().output_rows(x, module.base.weight) == y.numel() // y.shape[1]
