@@ -21,6 +21,8 @@ import torch
 
 __all__ = ["grouped_small_updates"]
 
+_MAX_FLAT_STATES = 16  # flat buffers kept for different sets of same-step tensors
+
 
 def _groupable(optimizer, p, state) -> bool:
     return (p.device.type == "cpu" and p.dtype == torch.float32 and p.grad.dtype == torch.float32
@@ -99,6 +101,8 @@ class _GroupedSmallUpdates:
         if entry is None or any(s["state1"] is not a or s["state2"] is not b for s, a, b in zip(states, *entry[2:])):
             m = torch.cat([s["state1"].reshape(-1) for s in states])
             v = torch.cat([s["state2"].reshape(-1) for s in states])
+            if len(cache) >= _MAX_FLAT_STATES:  # the tensor sets changed (steps without some gradients): start over
+                cache.clear()
             sizes = [p.numel() for p in params]
             views1 = [part.view_as(p) for part, p in zip(m.split(sizes), params)]
             views2 = [part.view_as(p) for part, p in zip(v.split(sizes), params)]
