@@ -147,6 +147,32 @@ def _scaled_mm(g: torch.Tensor, c: torch.Tensor, w: torch.Tensor, budget: int) -
     return result
 
 
+def norm_squared_delta(cross: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, axis: str,
+                       in_channels: int | None = None, in_place: bool = True) -> torch.Tensor:
+    """‖W0 + s·B·A‖² − ‖W0‖² per channel by the low-rank identity, for one layer or a batch of layers.
+
+    a [(G,) r, K] and b [(G,) out, r] in fp32 (K = in·kh·kw); cross = W0·Aᵀ [(G,) out, r] for axis "output",
+    Bᵀ·W0 [(G,) r, K] for axis "input" (consumed when `in_place`). `in_channels` (convs, input axis) sums
+    the kh·kw columns of each input channel.
+    """
+    if axis == "output":
+        # t = 2s·W0·Aᵀ + s²·B·(A·Aᵀ), [out, r]; ‖V‖²_row − ‖W0‖²_row = rowdot(t, B)
+        m1, m2, right, dim = b, a @ a.transpose(-1, -2), b, -1
+    else:
+        # t = 2s·Bᵀ·W0 + s²·(Bᵀ·B)·A, [r, K]; ‖V‖²_col − ‖W0‖²_col = coldot(t, A)
+        m1, m2, right, dim = b.transpose(-1, -2) @ b, a, a, -2
+    batched = cross.dim() == 3
+    if in_place:
+        t = (cross.baddbmm_ if batched else cross.addmm_)(m1, m2, beta=2 * s, alpha=s * s)
+        low = t.mul_(right).sum(dim)
+    else:
+        t = (torch.baddbmm if batched else torch.addmm)(cross, m1, m2, beta=2 * s, alpha=s * s)
+        low = (t * right).sum(dim)
+    if axis == "input" and in_channels is not None:
+        low = low.unflatten(-1, (in_channels, -1)).sum(-1)
+    return low
+
+
 def _scaled_rows(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """c ⊙ W0 per output channel (first dim), in W0's dtype."""
     return w * c.to(w.dtype).view(_channel_shape("output", w.dim()))
@@ -677,24 +703,9 @@ class DoRAModule(nn.Module):
         w0 = w0.reshape(shape[0], -1)
         a = self.lora_down.weight.to(torch.float32).reshape(self.rank, -1)
         b = self.lora_up.weight.to(torch.float32).reshape(shape[0], self.rank)
-        s = self.scale
         in_place = not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
-        if self.axis == "output":
-            # t = 2s·W0·Aᵀ + s²·B·(A·Aᵀ), [out, r]; ‖V‖²_row − ‖W0‖²_row = rowdot(t, B)
-            left, right, gram, dim = _fp32_product(w0, a.t(), "left"), b, a @ a.t(), 1
-        else:
-            # t = 2s·Bᵀ·W0 + s²·(Bᵀ·B)·A, [r, in·kh·kw]; ‖V‖²_col − ‖W0‖²_col = coldot(t, A)
-            left, right, gram, dim = _fp32_product(b.t(), w0, "right"), a, b.t() @ b, 0
-        if in_place:
-            t = (left.addmm_(b, gram, beta=2 * s, alpha=s * s) if dim == 1
-                 else left.addmm_(gram, a, beta=2 * s, alpha=s * s))
-            low = t.mul_(right).sum(dim)
-        else:
-            t = (torch.addmm(left, b, gram, beta=2 * s, alpha=s * s) if dim == 1
-                 else torch.addmm(left, gram, a, beta=2 * s, alpha=s * s))
-            low = (t * right).sum(dim)
-        if dim == 0 and len(shape) > 2:
-            low = low.view(shape[1], -1).sum(1)
+        cross = _fp32_product(w0, a.t(), "left") if self.axis == "output" else _fp32_product(b.t(), w0, "right")
+        low = norm_squared_delta(cross, a, b, self.scale, self.axis, shape[1] if len(shape) > 2 else None, in_place)
         base = self.base_norm_squared()
         return low.add_(base).clamp_min_(0) if in_place else (low + base).clamp_min(0)
 

@@ -18,7 +18,7 @@ import weakref
 
 import torch
 
-from sdtrain.adapters.dora import NORM_EPS, DoRAModule
+from sdtrain.adapters.dora import NORM_EPS, DoRAModule, norm_squared_delta, weight_norm_squared
 
 __all__ = ["MAX_BATCHED_WEIGHT", "ChannelNormBatch", "batch_channel_norms"]
 
@@ -94,26 +94,14 @@ class ChannelNormBatch:
             shape = tensors[0][2].shape
             w_keys = [(w.data_ptr(), w._version, w.dtype) for _, _, w in tensors]
             if self._w0 is None or w_keys != self._w0_keys:
-                w0 = torch.stack([w for _, _, w in tensors]).reshape(count, shape[0], -1).to(torch.float32)
-                if axis == "output":  # [G, out, K]
-                    base_sq = w0.square().sum(2)
-                else:
-                    base_sq = w0.square().sum(1).view(count, shape[1], -1).sum(2)
+                w0 = torch.stack([w for _, _, w in tensors]).reshape(count, shape[0], -1).to(torch.float32)  # [G, out, K]
+                base_sq = torch.stack([weight_norm_squared(w, axis) for _, _, w in tensors])  # ‖W0‖², [G, channels]
                 self._w0, self._base_sq, self._w0_keys = w0, base_sq, w_keys
             w0 = self._w0
             a = torch.stack([a for a, _, _ in tensors]).reshape(count, rank, -1).to(torch.float32)  # [G, r, K]
             b = torch.stack([b for _, b, _ in tensors]).reshape(count, shape[0], rank).to(torch.float32)  # [G, out, r]
-            if axis == "output":
-                # t = 2s·W0·Aᵀ + s²·B·(A·Aᵀ), [G, out, r]; ‖V‖²_row − ‖W0‖²_row = rowdot(t, B)
-                t = torch.bmm(w0, a.transpose(1, 2))
-                t.baddbmm_(b, torch.bmm(a, a.transpose(1, 2)), beta=2 * s, alpha=s * s)
-                low = t.mul_(b).sum(2)
-            else:
-                # t = 2s·Bᵀ·W0 + s²·(Bᵀ·B)·A, [G, r, K]; ‖V‖²_col − ‖W0‖²_col = coldot(t, A)
-                bt = b.transpose(1, 2)
-                t = torch.bmm(bt, w0)
-                t.baddbmm_(torch.bmm(bt, b), a, beta=2 * s, alpha=s * s)
-                low = t.mul_(a).sum(1).view(count, shape[1], -1).sum(2)
+            cross = torch.bmm(w0, a.transpose(1, 2)) if axis == "output" else torch.bmm(b.transpose(1, 2), w0)
+            low = norm_squared_delta(cross, a, b, s, axis, shape[1] if len(shape) > 2 else None)
             self.inv = low.add_(self._base_sq).clamp_min_(0).add_(NORM_EPS).rsqrt_()
             self.rows = self.inv.unbind(0)
             self.keys = [_state_key(*t) for t in tensors]

@@ -7,10 +7,11 @@ so on small models the optimizer step was a fifth of the training step.
 
 `grouped_small_updates(cls)` subclasses a bitsandbytes Adam optimizer so that, on each step, the CPU fp32
 parameters with 32-bit state and the group's plain settings (no per-parameter override, no `max_unorm`, no
-`skip_zeros`) are updated together with torch's `_foreach` ops, in bitsandbytes' own formula and order of
-operations, on flat buffers (the moments of those tensors live in two flat tensors, each tensor's `state1`
-and `state2` a view into them); everything else (8-bit state, CUDA, overrides) goes through bitsandbytes unchanged. The state
-dict is bitsandbytes' own (`state1`, `state2`, `step`), so saved training states load in either.
+`skip_zeros`) are updated together, in bitsandbytes' own formula and order of operations, on flat buffers:
+the moments of those tensors live in two flat tensors (each tensor's `state1` and `state2` a view into them),
+the parameters and gradients are concatenated for the update and copied back. Everything else (8-bit state,
+CUDA, overrides) goes through bitsandbytes unchanged. The state dict is bitsandbytes' own (`state1`, `state2`,
+`step`), so saved training states load in either.
 """
 
 from __future__ import annotations
