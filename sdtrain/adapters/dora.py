@@ -74,12 +74,9 @@ def _channel_shape(axis: str, ndim: int) -> tuple[int, ...]:
     return (1, -1) + (1,) * (ndim - 2)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the layer computes in: the autocast dtype when autocast is on, else x's dtype."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype` (t itself when it already is: skips the call, which matters on small layers)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _fp32_product(a: torch.Tensor, b: torch.Tensor, weight_side: str) -> torch.Tensor:
@@ -89,7 +86,7 @@ def _fp32_product(a: torch.Tensor, b: torch.Tensor, weight_side: str) -> torch.T
     """
     w = a if weight_side == "left" else b
     if w.dtype == torch.float32:
-        return a @ b
+        return torch.mm(a, b)
     step = max(1, (_CHUNK_ELEMS * 4) // max(w.shape[1], 1))
     if weight_side == "left":  # rows of the result
         return torch.cat([a[sl].to(torch.float32) @ b for sl in _steps(a.shape[0], step)])
@@ -111,6 +108,8 @@ def _dot_rows(a: torch.Tensor, b: torch.Tensor, offset: torch.Tensor | None, bud
     Works in row chunks of about `budget` elements so the temporary stays bounded.
     """
     if offset is None and a.numel() <= budget:
+        if a.dtype == b.dtype == torch.float32:
+            return torch.linalg.vecdot(a, b, dim=0)
         return (a * b.to(torch.float32)).sum(0)
     off = None if offset is None else offset.to(torch.float32)
     slices = _steps(a.shape[0], budget // max(a.shape[1], 1))
@@ -129,9 +128,9 @@ def _scaled_mm(g: torch.Tensor, c: torch.Tensor, w: torch.Tensor, budget: int) -
     dimension, each chunk accumulating into the result; chunks keep ≥ _MIN_CHUNK rows/columns.
     """
     rows, out = g.shape
-    cc = c.to(g.dtype)
+    cc = _cast(c, g.dtype)
     if rows * out <= budget:
-        return (g * cc) @ w
+        return torch.mm(g * cc, w)
     if out < 2 * rows:
         result = g.new_empty(rows, w.shape[1])
         for sl in _steps(rows, max(_MIN_CHUNK, budget // out)):
@@ -185,13 +184,13 @@ class _LinearOps:
     """Ops of a Linear adapter on 2-D activations x [T, in], y [T, out]."""
 
     def base(self, x, w, bias):
-        return x @ w.t() if bias is None else torch.addmm(bias, x, w.t())
+        return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
 
     def down(self, x, a):
-        return x @ a.t()
+        return torch.mm(x, a.t())
 
     def up(self, h, b):
-        return h @ b.t()
+        return torch.mm(h, b.t())
 
     def add_up_(self, y, h, b, alpha):
         y.addmm_(h, b.t(), alpha=alpha)
@@ -207,19 +206,19 @@ class _LinearOps:
         return z * c if bias is None else torch.addcmul(bias, z, c)
 
     def up_input_grad(self, g, b):
-        return g @ b
+        return torch.mm(g, b)
 
     def base_input_grad(self, g, w, x, c=None, budget=0):
-        return g @ w if c is None else _scaled_mm(g, c, w, budget)
+        return torch.mm(g, w) if c is None else _scaled_mm(g, c, w, budget)
 
     def down_backward(self, gh, x, a, grad_x, need_a):
         """Adds the down-projection's input gradient into grad_x (if given); returns grad of A."""
         if grad_x is not None:
             grad_x.addmm_(gh, a)
-        return gh.t() @ x if need_a else None
+        return torch.mm(gh.t(), x) if need_a else None
 
     def up_weight_grad(self, g, h):
-        return g.t() @ h
+        return torch.mm(g.t(), h)
 
     def channel_dot(self, a, b, offset, budget):
         """Σ a ⊙ (b − offset) per channel (last dim), fp32."""
@@ -240,7 +239,7 @@ class _LinearOps:
     def scaled_input_forward(self, x, c, w, bias, a):
         """(x ⊙ c)·W0ᵀ + bias and (x ⊙ c)·Aᵀ (in row chunks for large x)."""
         rows, width = x.shape
-        cc = c.to(x.dtype)
+        cc = _cast(c, x.dtype)
         if rows * width <= _FORWARD_CHUNK_ELEMS:
             xc = x * cc
             return self.base(xc, w, bias), self.down(xc, a)
@@ -439,7 +438,7 @@ class _OutputAxisFn(torch.autograd.Function):
         if rows * w.shape[0] <= _SAVE_PRESCALE_ELEMS:
             z = ops.base(x, w, None)
             ops.add_up_(z, h, b, s)
-            y = ops.scaled(z, c.to(z.dtype), bias)
+            y = ops.scaled(z, _cast(c, z.dtype), bias)
             ctx.prescale = True
             ctx.save_for_backward(x, w, None, a, b, h, c, inv, z)
             return y
@@ -458,11 +457,11 @@ class _OutputAxisFn(torch.autograd.Function):
     def backward(ctx, g):
         x, w, bias, a, b, h, c, inv, y = ctx.saved_tensors
         ops, s = ctx.ops, ctx.s
-        need_x, need_a, need_b, need_c = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
-        x_size, grads_size = ops.sizes(x, w, a.shape[0])
+        needs = ctx.needs_input_grad
+        need_x, need_a, need_b, need_c = needs[0], needs[3], needs[4], needs[5]
         grad_x = grad_a = grad_b = grad_c = None
         if ctx.prescale:  # y holds z; work with g ⊙ c directly (small tensors)
-            gc = g * ops.out_view(c.to(g.dtype))
+            gc = g * ops.out_view(_cast(c, g.dtype))
             if need_c:
                 grad_c = ops.channel_dot(g, y, None, g.numel())
                 grad_c = grad_c if inv is None else grad_c.mul_(inv)
@@ -473,6 +472,7 @@ class _OutputAxisFn(torch.autograd.Function):
             if need_b:
                 grad_b = ops.up_weight_grad(gc, h).mul_(s)
             return grad_x, None, None, grad_a, grad_b, grad_c, None, None, None
+        x_size, grads_size = ops.sizes(x, w, a.shape[0])
         if need_c:
             grad_c = _scale_grad(ops, g, y, bias, c, x, w, h, b, s, min(x_size + grads_size, _CHUNK_ELEMS))
             grad_c = grad_c if inv is None else grad_c.mul_(inv)
@@ -735,18 +735,26 @@ class DoRAModule(nn.Module):
         k = float(self.multiplier)
         if self.merged or k == 0.0:
             return self.base(x)
-        dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            xd, lead = self._as_layer_input(x.to(dtype))
-            y = self._adapted(xd, dtype, k)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):  # compute in the autocast dtype, with autocast off inside
+            dtype = torch.get_autocast_dtype(device_type) if x.is_floating_point() else x.dtype
+            with torch.autocast(device_type, enabled=False):
+                return self._layer_forward(x, dtype, k)
+        return self._layer_forward(x, x.dtype, k)
+
+    def _layer_forward(self, x, dtype, k):
+        """The adapted layer on x in the compute dtype, autocast off: in the ops' layout and back."""
+        xd, lead = self._as_layer_input(_cast(x, dtype))
+        y = self._adapted(xd, dtype, k)
         return y if lead is None else y.view(*lead, y.shape[-1])
 
     def _adapted(self, x, dtype, k):
         """The adapted layer on x (already in the compute dtype and layout), autocast off."""
-        w = self.base.weight.to(dtype)
-        bias = None if self.base.bias is None else self.base.bias.to(dtype)
-        a = self.lora_down.weight.to(dtype)
-        b = self.lora_up.weight.to(dtype)
+        base = self.base
+        w = _cast(base.weight, dtype)
+        bias = None if base.bias is None else _cast(base.bias, dtype)
+        a = _cast(self.lora_down.weight, dtype)
+        b = _cast(self.lora_up.weight, dtype)
         fast = self.fused and not (w.requires_grad or (bias is not None and bias.requires_grad))
         if not self.decompose:
             if fast:

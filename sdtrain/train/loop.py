@@ -244,6 +244,7 @@ class Trainer:
         lrs = {"unet": cfg.optimizer.unet_lr, "te1": cfg.optimizer.text_encoder_lr,
                "te2": cfg.optimizer.text_encoder_2_lr}
         groups = self.adapters.param_groups(lrs)
+        self.trainable_params = [param for group in groups for param in group["params"]]  # clipped every step
         optimizer = build_optimizer(groups, cfg.optimizer.type, cfg.optimizer.lr, cfg.optimizer.weight_decay,
                                     cfg.optimizer.betas, cfg.optimizer.eps, cfg.optimizer.args)
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.scheduler.type, cfg.scheduler.warmup_steps,
@@ -349,7 +350,7 @@ class Trainer:
             total += loss.detach().float().item()
         grad_norm = None
         if self.cfg.train.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(self.adapters.parameters(), self.cfg.train.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(self.trainable_params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -19,10 +19,19 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 __all__ = ["grouped_small_updates"]
 
 _MAX_FLAT_STATES = 16  # flat buffers kept for different sets of same-step tensors
+
+
+def sync_gpu(t: torch.Tensor) -> None:
+    """Wait for the device of `t` (bitsandbytes' updates are asynchronous on CUDA/XPU); nothing on the CPU."""
+    if t.device.type == "cuda":
+        torch.cuda.synchronize()
+    elif t.device.type == "xpu":
+        torch.xpu.synchronize()
 
 
 def _groupable(optimizer, p, state) -> bool:
@@ -44,29 +53,54 @@ class _GroupedSmallUpdates:
             self.check_overrides()
             self.to_gpu()
             self.initialized = True
-        hidden = []  # (param, grad) updated here, hidden from bitsandbytes' per-tensor loop
-        if self.args.max_unorm == 0.0 and not self.args.skip_zeros and self.optimizer_name == "adam":
-            for gindex, group in enumerate(self.param_groups):
-                by_step: dict[int, list] = {}
-                for pindex, p in enumerate(group["params"]):
-                    if p.grad is None or (gindex, pindex) in self.mng.index2config:
-                        continue
-                    state = self.state[p]
-                    if len(state) == 0:
-                        self.init_state(group, p, gindex, pindex)
-                    if _groupable(self, p, state):
-                        by_step.setdefault(state["step"] + 1, []).append(p)
-                for step, params in by_step.items():
-                    self._adam_update(group, params, step)
-                    hidden.extend((p, p.grad) for p in params)
-        for p, _ in hidden:
-            p.grad = None
-        try:
-            super().step()
-        finally:
-            for p, grad in hidden:
-                p.grad = grad
+        p = None
+        for group, grouped, others in self._step_plan():
+            for gindex, pindex, p in others:  # bitsandbytes' own per-tensor loop (Optimizer8bit.step)
+                self.prefetch_state(p)
+                self.update_step(group, p, gindex, pindex)
+                sync_gpu(p)
+            if grouped:
+                params, states = grouped
+                steps = [state["step"] for state in states]
+                if steps.count(steps[0]) == len(steps):
+                    self._adam_update(group, params, steps[0] + 1)
+                else:  # tensors that missed steps: update each step count together
+                    for step in dict.fromkeys(steps):
+                        chosen = [q for q, n in zip(params, steps) if n == step]
+                        self._adam_update(group, chosen, step + 1)
+        if self.is_paged and p is not None:
+            sync_gpu(p)
         return loss
+
+    def _step_plan(self):
+        """Per parameter group: (group, (grouped params, their states) or None, [(gindex, pindex, p)] for the rest).
+
+        Cached while the same parameters have gradients, the state dict is the same object and no override
+        was registered; building it initialises the state of new parameters, as bitsandbytes' step does.
+        """
+        present = tuple(tuple(q.grad is not None for q in group["params"]) for group in self.param_groups)
+        key = (present, len(self.mng.index2config), len(self.mng.pid2config))
+        cached = self.__dict__.get("_plan")
+        if cached is not None and cached[0] is self.state and cached[1] == key:
+            return cached[2]
+        grouping = self.args.max_unorm == 0.0 and not self.args.skip_zeros and self.optimizer_name == "adam"
+        plan = []
+        for gindex, group in enumerate(self.param_groups):
+            params, states, others = [], [], []
+            for pindex, q in enumerate(group["params"]):
+                if q.grad is None:
+                    continue
+                state = self.state[q]
+                if len(state) == 0:
+                    self.init_state(group, q, gindex, pindex)
+                if grouping and (gindex, pindex) not in self.mng.index2config and _groupable(self, q, state):
+                    params.append(q)
+                    states.append(state)
+                else:
+                    others.append((gindex, pindex, q))
+            plan.append((group, (params, states) if params else None, others))
+        self.__dict__["_plan"] = (self.state, key, plan)
+        return plan
 
     def _adam_update(self, group, params, step):
         """bitsandbytes' CPU 32-bit Adam (backends/cpu/ops.py) on the concatenation of same-step tensors.
@@ -78,8 +112,8 @@ class _GroupedSmallUpdates:
         beta1, beta2 = group["betas"][0], group["betas"][1]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         m, v, states = self._flat_state(params)
-        g = torch.cat([p.grad.reshape(-1) for p in params])
-        flat = torch.cat([p.reshape(-1) for p in params])
+        g = _flatten_dense_tensors([q.grad for q in params])
+        flat = _flatten_dense_tensors(params)
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         correction1 = 1.0 - beta1 ** step
@@ -88,29 +122,28 @@ class _GroupedSmallUpdates:
         if weight_decay > 0.0:
             flat.mul_(1.0 - lr * weight_decay)
         flat.add_(m / (v.sqrt() + eps * correction2), alpha=step_size)
-        torch._foreach_copy_(params, [part.view_as(p) for part, p in zip(flat.split([p.numel() for p in params]),
-                                                                         params)])
+        torch._foreach_copy_(params, _unflatten_dense_tensors(flat, params))
         for state in states:
             state["step"] = step
 
     def _flat_state(self, params):
         """Flat Adam moment buffers of `params`; rebuilt (copying the state in) when a state tensor was replaced."""
         cache = self.__dict__.setdefault("_flat_states", {})
-        key = tuple(id(p) for p in params)
-        states = [self.state[p] for p in params]
+        key = tuple(map(id, params))
         entry = cache.get(key)
-        if entry is None or any(s["state1"] is not a or s["state2"] is not b for s, a, b in zip(states, *entry[2:])):
-            m = torch.cat([s["state1"].reshape(-1) for s in states])
-            v = torch.cat([s["state2"].reshape(-1) for s in states])
-            if len(cache) >= _MAX_FLAT_STATES:  # the tensor sets changed (steps without some gradients): start over
-                cache.clear()
-            sizes = [p.numel() for p in params]
-            views1 = [part.view_as(p) for part, p in zip(m.split(sizes), params)]
-            views2 = [part.view_as(p) for part, p in zip(v.split(sizes), params)]
-            for s, a, b in zip(states, views1, views2):
-                s["state1"], s["state2"] = a, b
-            entry = cache[key] = (m, v, views1, views2)
-        return entry[0], entry[1], states
+        if entry is not None and entry[4] is self.state and all(
+                s["state1"] is a and s["state2"] is b for s, a, b in zip(entry[2], entry[3][0], entry[3][1])):
+            return entry[0], entry[1], entry[2]
+        states = [self.state[q] for q in params]
+        m = _flatten_dense_tensors([s["state1"] for s in states])
+        v = _flatten_dense_tensors([s["state2"] for s in states])
+        if len(cache) >= _MAX_FLAT_STATES:  # the tensor sets changed (steps without some gradients): start over
+            cache.clear()
+        views1, views2 = _unflatten_dense_tensors(m, params), _unflatten_dense_tensors(v, params)
+        for s, a, b in zip(states, views1, views2):
+            s["state1"], s["state2"] = a, b
+        cache[key] = (m, v, states, (views1, views2), self.state)
+        return m, v, states
 
 
 def grouped_small_updates(cls):
