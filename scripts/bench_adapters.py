@@ -107,6 +107,15 @@ def make_input(kind, fan_in, out, size, device, dtype):
     return x, grad
 
 
+def simulate_update(module):
+    """Mark the trainable parameters as changed, as an optimizer step does (adding 0 bumps their version counters):
+    sdtrain keeps 1/‖V‖ until A or B change, and every training step changes them."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(0.0)
+
+
 def step(module, x, grad, amp):
     """One forward+backward; gradients set to None first (as optimizer.zero_grad does)."""
     x.grad = None
@@ -118,6 +127,7 @@ def step(module, x, grad, amp):
 
 
 def timed(module, x, grad, amp, device, clock=time.perf_counter):
+    simulate_update(module)
     if device == "cuda":
         torch.cuda.synchronize()
     start = clock()
@@ -129,6 +139,7 @@ def timed(module, x, grad, amp, device, clock=time.perf_counter):
 
 def peak_memory(module, x, grad, amp, device):
     """Peak bytes allocated during one step above the allocation level before it."""
+    simulate_update(module)
     x.grad = None
     for p in module.parameters():
         p.grad = None

@@ -172,6 +172,14 @@ def norm_squared_delta(cross: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s:
     return low
 
 
+def norm_state_key(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> tuple:
+    """What a channel norm computed from A, B and W0 depends on: their storage and version counters.
+
+    Raises RuntimeError for inference tensors (they have no version counter).
+    """
+    return a._version, b._version, w._version, a.data_ptr(), b.data_ptr(), w.data_ptr()
+
+
 def _scaled_rows(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """c ⊙ W0 per output channel (first dim), in W0's dtype."""
     return w * c.to(w.dtype).view(_channel_shape("output", w.dim()))
@@ -443,13 +451,13 @@ class _OutputAxisFn(torch.autograd.Function):
             ctx.save_for_backward(x, w, None, a, b, h, c, inv, z)
             return y
         # c ⊙ (x·W0ᵀ) = x·(c ⊙ W0)ᵀ: scale the weight instead of the output where the weight is smaller
-        ctx.fold = w[0].numel() < rows * _FOLD_RATIO
+        ctx.fold = w.numel() // w.shape[0] < rows * _FOLD_RATIO
         if ctx.fold:
             y = ops.base(x, _scaled_rows(w, c), bias)
         else:
             y = ops.base(x, w, None)
             ops.scale_shift_(y, c, bias)
-        ops.add_up_(y, h, b * (s * c).to(b.dtype).view(_channel_shape("output", b.dim())), 1.0)
+        ops.add_up_(y, h, b * _cast(c, b.dtype).view(_channel_shape("output", b.dim())), s)
         ctx.save_for_backward(x, w, bias, a, b, h, c, inv, y)
         return y
 
@@ -588,6 +596,12 @@ class DoRAModule(nn.Module):
         self.register_buffer("base_norm_sq", weight_norm_squared(weight.detach(), axis), persistent=False)
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self._norm_key = self._weight_key(weight)
+        self._inverse_norm_cache = None  # (what 1/‖V‖ was computed from, 1/‖V‖)
+
+    def __setstate__(self, state):
+        """Unpickled and deep-copied modules start without a cached 1/‖V‖ (its key names the original's tensors)."""
+        super().__setstate__(state)
+        self._inverse_norm_cache = None
 
     # -- subclass hooks
     def _make_lora(self, rank: int) -> tuple[nn.Module, nn.Module]:
@@ -689,8 +703,11 @@ class DoRAModule(nn.Module):
         return cached
 
     def refresh_norms(self) -> None:
-        """Forget the cached ‖W0‖² (needed only after writing to `base.weight.data` in place)."""
+        """Forget the cached ‖W0‖² and 1/‖V‖ (needed only after writing to a weight's `.data` in place)."""
         self._norm_key = None
+        self._inverse_norm_cache = None
+        if self._norm_batch is not None:
+            self._norm_batch.forget()
 
     def norm_squared(self) -> torch.Tensor:
         """‖V‖² per channel on the axis via the low-rank identity (fp32, ≥ 0, differentiable in A and B).
@@ -711,14 +728,29 @@ class DoRAModule(nn.Module):
 
     def inverse_norm(self) -> torch.Tensor:
         """1/‖V‖ per channel on the axis (fp32, no gradient): batched with same-shaped adapters when
-        `batch_channel_norms` grouped this one, else computed here."""
+        `batch_channel_norms` grouped this one, else computed here.
+
+        The value is kept until A, B or W0 change (storage or version counter, as an optimizer step, `.to()`
+        or `load_state_dict` do), so gradient accumulation, the recomputing forward of gradient checkpointing
+        and the denoising steps of a sample pay for the norm once per weight update.
+        """
         batch = self._norm_batch
         if batch is not None:
             inv = batch.inverse_norm(self)
             if inv is not None:
                 return inv
-        with torch.no_grad():
-            return self.norm_squared().add_(NORM_EPS).rsqrt_()
+        try:
+            key = (self.alpha, self.axis, self.merged,
+                   *norm_state_key(self.lora_down.weight, self.lora_up.weight, self.original_weight()))
+        except RuntimeError:  # inference tensors have no version counter: nothing to key a cache on
+            key = None
+        cached = self._inverse_norm_cache
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor even when sampling
+            inv = self.norm_squared().add_(NORM_EPS).rsqrt_()
+        self._inverse_norm_cache = None if key is None else (key, inv)
+        return inv
 
     def _channel_scale(self) -> torch.Tensor:
         if self.detach_norm:

@@ -18,7 +18,7 @@ import weakref
 
 import torch
 
-from sdtrain.adapters.dora import NORM_EPS, DoRAModule, norm_squared_delta, weight_norm_squared
+from sdtrain.adapters.dora import NORM_EPS, DoRAModule, norm_squared_delta, norm_state_key, weight_norm_squared
 
 __all__ = ["MAX_BATCHED_WEIGHT", "ChannelNormBatch", "batch_channel_norms"]
 
@@ -34,11 +34,6 @@ def _tensors(module):
     return a, b, w
 
 
-def _state_key(a, b, w):
-    """What a cached norm depends on: A, B and W0 (storage and version counter)."""
-    return a._version, b._version, w._version, a.data_ptr(), b.data_ptr(), w.data_ptr()
-
-
 class ChannelNormBatch:
     """The inverse channel norms of a group of same-shaped DoRA adapters (see the module docstring)."""
 
@@ -47,7 +42,7 @@ class ChannelNormBatch:
         self.keys: list = [None] * len(self.members)
         self.inv: torch.Tensor | None = None  # [members, channels] fp32
         self.rows: tuple = ()  # its rows, one view per member
-        self._w0 = self._base_sq = self._w0_keys = None
+        self._w0 = self._base_sq = self._w0_keys = self._in_channels = None
         for slot, module in enumerate(modules):
             module._norm_batch, module._norm_slot = self, slot
 
@@ -64,13 +59,17 @@ class ChannelNormBatch:
     def __setstate__(self, state):
         self.__init__([])
 
+    def forget(self) -> None:
+        """Drop the cached values: the next call recomputes the group and restacks W0."""
+        self.inv, self._w0_keys = None, None
+
     def inverse_norm(self, module) -> torch.Tensor | None:
         """1/‖V‖ of `module` (fp32, [channels]), or None when it is not (or no longer) batchable here."""
         slot = getattr(module, "_norm_slot", -1)
         if not 0 <= slot < len(self.members) or self.members[slot]() is not module:
             return None
         try:
-            key = _state_key(*_tensors(module))
+            key = norm_state_key(*_tensors(module))
         except RuntimeError:  # inference tensors have no version counter
             return None
         if self.inv is None or key != self.keys[slot]:
@@ -80,31 +79,36 @@ class ChannelNormBatch:
 
     def _compute(self) -> bool:
         modules = [ref() for ref in self.members]
-        if any(m is None for m in modules):
+        if None in modules:
             self.members = []  # a member was deleted: every adapter computes its own norm
             return False
         tensors = [_tensors(m) for m in modules]
-        if len({(a.device, w.device) for a, _, w in tensors}) != 1:
-            self.members = []  # members were moved apart: likewise
-            return False
         first = modules[0]
         axis, s, rank = first.axis, first.scale, first.rank
         count = len(modules)
         with torch.inference_mode(False), torch.no_grad():
-            shape = tensors[0][2].shape
-            w_keys = [(w.data_ptr(), w._version, w.dtype) for _, _, w in tensors]
-            if self._w0 is None or w_keys != self._w0_keys:
-                w0 = torch.stack([w for _, _, w in tensors]).reshape(count, shape[0], -1).to(torch.float32)  # [G, out, K]
-                base_sq = torch.stack([weight_norm_squared(w, axis) for _, _, w in tensors])  # ‖W0‖², [G, channels]
-                self._w0, self._base_sq, self._w0_keys = w0, base_sq, w_keys
-            w0 = self._w0
-            a = torch.stack([a for a, _, _ in tensors]).reshape(count, rank, -1).to(torch.float32)  # [G, r, K]
-            b = torch.stack([b for _, b, _ in tensors]).reshape(count, shape[0], rank).to(torch.float32)  # [G, out, r]
+            w_keys = [(w.data_ptr(), w._version) for _, _, w in tensors]
+            try:
+                if self._w0 is None or w_keys != self._w0_keys:
+                    shape = tensors[0][2].shape
+                    w0 = torch.stack([w for _, _, w in tensors]).reshape(count, shape[0], -1).to(torch.float32)
+                    base_sq = torch.stack([weight_norm_squared(w, axis) for _, _, w in tensors])  # ‖W0‖², [G, ch]
+                    self._w0, self._base_sq, self._w0_keys, self._in_channels = \
+                        w0, base_sq, w_keys, (shape[1] if len(shape) > 2 else None)
+                w0 = self._w0
+                a = torch.stack([a for a, _, _ in tensors]).reshape(count, rank, -1)  # [G, r, K]
+                b = torch.stack([b for _, b, _ in tensors]).reshape(count, -1, rank)  # [G, out, r]
+                if not a.device == b.device == w0.device:
+                    raise RuntimeError("adapters and base weights on different devices")
+            except RuntimeError:  # members were moved apart (devices): every adapter computes its own norm
+                self.members = []
+                return False
+            a, b = a.to(torch.float32), b.to(torch.float32)
             cross = torch.bmm(w0, a.transpose(1, 2)) if axis == "output" else torch.bmm(b.transpose(1, 2), w0)
-            low = norm_squared_delta(cross, a, b, s, axis, shape[1] if len(shape) > 2 else None)
+            low = norm_squared_delta(cross, a, b, s, axis, self._in_channels)
             self.inv = low.add_(self._base_sq).clamp_min_(0).add_(NORM_EPS).rsqrt_()
             self.rows = self.inv.unbind(0)
-            self.keys = [_state_key(*t) for t in tensors]
+            self.keys = [norm_state_key(a, b, w) for a, b, w in tensors]
         return True
 
 

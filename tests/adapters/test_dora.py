@@ -369,3 +369,54 @@ def test_conv_output_rows_match_the_conv(name):
     module, x = make(name)
     y = module.base(x)
     assert module._ops().output_rows(x, module.base.weight) == y.numel() // y.shape[1]
+
+
+def count_norm_computations(monkeypatch):
+    """A list that grows by one each time a DoRA layer computes its channel norm."""
+    calls = []
+    original = dora.DoRAModule.norm_squared
+    monkeypatch.setattr(dora.DoRAModule, "norm_squared", lambda self: calls.append(1) or original(self))
+    return calls
+
+
+@pytest.mark.parametrize("axis", ["output", "input"])
+def test_inverse_norm_is_computed_once_per_weight_update(axis, monkeypatch):
+    """Repeated forwards (accumulation, sampling) and checkpoint recomputation reuse 1/‖V‖; every way of
+    changing A, B or W0 recomputes it, and the result always matches the dense formula."""
+    module, x = make("conv3x3_s2_p1", axis=axis)
+    calls = count_norm_computations(monkeypatch)
+    module(x), module(x)
+    with torch.no_grad():
+        module(x)
+    assert len(calls) == 1
+    outputs_and_grads(lambda inp: checkpoint(module, inp, use_reentrant=False), module, x)
+    assert len(calls) == 1  # the checkpoint's recomputing forward reused it
+    updates = {
+        "optimizer step on A": lambda: module.lora_down.weight.add_(0.1),
+        "optimizer step on B": lambda: torch._foreach_mul_([module.lora_up.weight], 1.5),
+        "base weight reload": lambda: module.base.load_state_dict(
+            {"weight": torch.randn_like(module.base.weight), "bias": module.base.bias.detach()}),
+        "alpha change": lambda: setattr(module, "alpha", 2.0),
+        "parameter replaced": lambda: setattr(module.lora_up, "weight", nn.Parameter(module.lora_up.weight * 0.5)),
+    }
+    for what, update in updates.items():
+        with torch.no_grad():
+            update()
+        before = len(calls)
+        check_against_naive(module, x)
+        assert len(calls) == before + 1, what
+    module.lora_down.weight.data.mul_(0.5)  # untracked write: refresh_norms() is the documented way
+    module.refresh_norms()
+    check_against_naive(module, x)
+
+
+def test_inverse_norm_cache_is_not_shared_by_copies():
+    module, x = make("linear")
+    module(x)
+    assert module._inverse_norm_cache is not None
+    clone = copy.deepcopy(module)
+    assert clone._inverse_norm_cache is None
+    with torch.no_grad():
+        clone.lora_up.weight.mul_(2)
+    check_against_naive(clone, x)
+    check_against_naive(module, x)

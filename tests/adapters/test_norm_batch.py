@@ -157,3 +157,15 @@ def test_injected_tiny_model_is_batched_by_shape():
         assert_close(m.inverse_norm(), dense_inverse_norm(m))
     shapes = {id(m._norm_batch): tuple(m.base.weight.shape) for m in batched}
     assert len(set(shapes.values())) == len(shapes)  # one batch per shape
+
+
+@pytest.mark.parametrize("part", ["lora_down", "lora_up", "base"])
+def test_members_moved_to_another_device_fall_back_to_their_own_norm(part):
+    modules, x = make_group("linear", "output", count=3)
+    batch_channel_norms(modules)
+    getattr(modules[2], part).to("meta")  # one member's tensor elsewhere: the group can no longer be stacked
+    reference = copy.deepcopy(modules[0])
+    assert reference._norm_batch is not None and len(reference._norm_batch) == 0
+    assert_close(modules[0](x), reference(x))
+    assert len(modules[0]._norm_batch) == 0  # the batch gave up: every member computes its own norm
+    assert_close(modules[0].inverse_norm(), dense_inverse_norm(modules[0]))
