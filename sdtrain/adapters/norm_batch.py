@@ -104,8 +104,9 @@ class ChannelNormBatch:
                 self.members = []
                 return False
             a, b = a.to(torch.float32), b.to(torch.float32)
-            cross = torch.bmm(w0, a.transpose(1, 2)) if axis == "output" else torch.bmm(b.transpose(1, 2), w0)
-            low = norm_squared_delta(cross, a, b, s, axis, self._in_channels)
+            # A·W0ᵀ rather than W0·Aᵀ: about twice as fast as a batch of small products
+            cross = torch.bmm(a, w0.transpose(1, 2)) if axis == "output" else torch.bmm(b.transpose(1, 2), w0)
+            low = norm_squared_delta(cross, a, b, s, axis, self._in_channels, cross_transposed=axis == "output")
             self.inv = low.add_(self._base_sq).clamp_min_(0).add_(NORM_EPS).rsqrt_()
             self.rows = self.inv.unbind(0)
             self.keys = [norm_state_key(a, b, w) for a, b, w in tensors]
