@@ -86,8 +86,9 @@ class ChannelNormBatch:
         first = modules[0]
         axis, s, rank = first.axis, first.scale, first.rank
         count = len(modules)
+        keys = [norm_state_key(a, b, w) for a, b, w in tensors]  # what the values computed below depend on
         with torch.inference_mode(False), torch.no_grad():
-            w_keys = [(w.data_ptr(), w._version) for _, _, w in tensors]
+            w_keys = [(key[2], key[5]) for key in keys]  # W0's version and storage
             try:
                 if self._w0 is None or w_keys != self._w0_keys:
                     shape = tensors[0][2].shape
@@ -109,7 +110,7 @@ class ChannelNormBatch:
             low = norm_squared_delta(cross, a, b, s, axis, self._in_channels, cross_transposed=axis == "output")
             self.inv = low.add_(self._base_sq).clamp_min_(0).add_(NORM_EPS).rsqrt_()
             self.rows = self.inv.unbind(0)
-            self.keys = [norm_state_key(a, b, w) for a, b, w in tensors]
+            self.keys = keys
         return True
 
 

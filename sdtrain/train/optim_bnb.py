@@ -19,19 +19,12 @@ from __future__ import annotations
 import math
 
 import torch
+from bitsandbytes.optim.optimizer import sync_gpu  # what bitsandbytes' own step calls per tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 __all__ = ["grouped_small_updates"]
 
 _MAX_FLAT_STATES = 16  # flat buffers kept for different sets of same-step tensors
-
-
-def sync_gpu(t: torch.Tensor) -> None:
-    """Wait for the device of `t` (bitsandbytes' updates are asynchronous on CUDA/XPU); nothing on the CPU."""
-    if t.device.type == "cuda":
-        torch.cuda.synchronize()
-    elif t.device.type == "xpu":
-        torch.xpu.synchronize()
 
 
 def _groupable(optimizer, p, state) -> bool:
