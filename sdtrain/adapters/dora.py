@@ -19,10 +19,13 @@ The strength-1 path runs in custom autograd Functions that keep what plain LoRA 
 rank-sized x·Aᵀ) plus, for the output axis, the layer output itself, from which the pre-scale
 activations are recovered in backward as (y − bias) / c; channels with |c| < _SMALL_SCALE are
 recomputed exactly instead. Temporaries are processed in row chunks so the peak stays near LoRA's.
+1/‖V‖ is kept until A, B or W0 change; when the output-axis forward of an fp32 Linear has to recompute it
+and x is small next to W0, A·W0ᵀ comes from the forward's own product [x; A]·W0ᵀ (W0 is read once).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,6 +46,7 @@ _CONV_WEIGHT_CHUNK = 1 << 22  # frozen convs run in output-channel chunks of ≤
 _CONV_GRAD_CHUNKS = 4  # conv input gradients whose g exceeds the chunk budget: this many chunks
 _SAVE_PRESCALE_ELEMS = 1 << 15  # output axis: outputs up to this size keep the pre-scale activations z for backward
 _FOLD_RATIO = 1.0  # output axis: scale W0's rows (not the output) when a filter has < this × output rows elements
+_SHARED_NORM_RATIO = 0.5  # fp32 Linear, output axis: A·W0ᵀ from the forward product when x ≤ this × W0 in size
 
 
 # ---------------------------------------------------------------- dense helpers (export, verification, tests)
@@ -107,11 +111,13 @@ def _dot_rows(a: torch.Tensor, b: torch.Tensor, offset: torch.Tensor | None, bud
 
     Works in row chunks of about `budget` elements so the temporary stays bounded.
     """
-    if offset is None and a.numel() <= budget:
+    off = None if offset is None else offset.to(torch.float32)
+    if a.numel() <= budget:  # one temporary of a's size (vecdot multiplies, then sums)
+        if off is not None:
+            return (b - off).mul_(a).sum(0)
         if a.dtype == b.dtype == torch.float32:
             return torch.linalg.vecdot(a, b, dim=0)
         return (a * b.to(torch.float32)).sum(0)
-    off = None if offset is None else offset.to(torch.float32)
     slices = _steps(a.shape[0], budget // max(a.shape[1], 1))
     total = None
     for sl in slices:
@@ -202,6 +208,22 @@ class _LinearOps:
 
     def down(self, x, a):
         return torch.mm(x, a.t())
+
+    def base_and_cross(self, x, w, a):
+        """x·W0ᵀ and A·W0ᵀ from one product [x; A]·W0ᵀ, or None where two products are cheaper.
+
+        The shared product reads W0 once instead of twice (a second pass over a large W0 runs at memory
+        speed) and makes one larger GEMM. It costs a copy of x and one of the output (which must not keep
+        the A·W0ᵀ rows alive), so it is used only where both are small next to W0: x with at most
+        _SHARED_NORM_RATIO × W0's elements and the output no wider than the input. And only in fp32
+        (the norm needs fp32 products).
+        """
+        rows, (out, width) = x.shape[0], w.shape
+        if (not (x.dtype == w.dtype == a.dtype == torch.float32) or rows > _SHARED_NORM_RATIO * out
+                or out > width):
+            return None
+        full = torch.mm(torch.cat([x, a]), w.t())
+        return full[:rows].clone(), full[rows:]
 
     def up(self, h, b):
         return torch.mm(h, b.t())
@@ -313,6 +335,10 @@ class _ConvOps:
 
     def down(self, x, a):
         return self._conv(x, a)
+
+    def base_and_cross(self, x, w, a):
+        """Never shared for convs (their products with W0 are not one GEMM): None."""
+        return None
 
     def up(self, h, b):
         return F.conv2d(h, b)
@@ -428,7 +454,9 @@ class _OutputAxisFn(torch.autograd.Function):
     """y = c ⊙ (base(x) + s·up(down(x))) + bias; plain LoRA when c is None. Base weight and bias frozen.
 
     c is the channel scale itself, or (when `inv` is given) the magnitude m with c = m ⊙ inv, inv the
-    detached 1/‖V‖; the gradient then goes to m directly. Saves x, x·Aᵀ and (DoRA) either the output
+    detached 1/‖V‖; the gradient then goes to m directly. `inv` may also be a function computing 1/‖V‖
+    from A·W0ᵀ (or from nothing, given None): it is then computed here, from the forward's own product
+    where `ops.base_and_cross` can share it. Saves x, x·Aᵀ and (DoRA) either the output
     y, from which backward recovers the pre-scale activations z as (y − bias) / c (recomputing channels
     with |c| < _SMALL_SCALE exactly), or, for outputs of ≤ _SAVE_PRESCALE_ELEMS elements, z itself:
     fewer ops where per-op overhead dominates, for at most that many elements more memory.
@@ -446,22 +474,22 @@ class _OutputAxisFn(torch.autograd.Function):
             ops.add_up_(y, h, b, s)
             ctx.save_for_backward(x, w, bias, a, b, h, None, None, None)
             return y
-        if inv is not None:
-            c = c * inv
         rows = ops.output_rows(x, w)
-        if rows * w.shape[0] <= _SAVE_PRESCALE_ELEMS:
-            z = ops.base(x, w, None)
-            ops.add_up_(z, h, b, s)
-            y = ops.scaled(z, _cast(c, z.dtype), bias)
-            ctx.prescale = True
-            ctx.save_for_backward(x, w, None, a, b, h, c, inv, z)
-            return y
+        prescale = rows * w.shape[0] <= _SAVE_PRESCALE_ELEMS
         # c ⊙ (x·W0ᵀ) = x·(c ⊙ W0)ᵀ: scale the weight instead of the output where the weight is smaller
-        ctx.fold = w.numel() // w.shape[0] < rows * _FOLD_RATIO
+        ctx.fold = not prescale and w.numel() // w.shape[0] < rows * _FOLD_RATIO
         if ctx.fold:
+            inv = inv(None) if callable(inv) else inv
+            c = c if inv is None else c * inv
             y = ops.base(x, _scaled_rows(w, c), bias)
         else:
-            y = ops.base(x, w, None)
+            y, inv = _base_and_inverse_norm(ops, x, w, a, inv)
+            c = c if inv is None else c * inv
+            if prescale:  # y is z: keep it, return c ⊙ z + bias
+                ops.add_up_(y, h, b, s)
+                ctx.prescale = True
+                ctx.save_for_backward(x, w, None, a, b, h, c, inv, y)
+                return ops.scaled(y, _cast(c, y.dtype), bias)
             ops.scale_shift_(y, c, bias)
         ops.add_up_(y, h, b * _cast(c, b.dtype).view(_channel_shape("output", b.dim())), s)
         ctx.save_for_backward(x, w, bias, a, b, h, c, inv, y)
@@ -490,7 +518,7 @@ class _OutputAxisFn(torch.autograd.Function):
         if need_c:
             grad_c = _scale_grad(ops, g, y, bias, c, x, w, h, b, s, min(x_size + grads_size, _CHUNK_ELEMS))
             grad_c = grad_c if inv is None else grad_c.mul_(inv)
-        coef = s if c is None else (s * c).to(b.dtype).view(_channel_shape("output", b.dim()))
+        coef = s if c is None else (c if s == 1.0 else s * c).to(b.dtype).view(_channel_shape("output", b.dim()))
         if need_x or need_a:
             gh = ops.up_input_grad(g, b * coef)
             budget = max(grads_size, (x_size + g.numel()) // 20)  # ≤ 5% of LoRA's grad_x + output
@@ -506,10 +534,22 @@ class _OutputAxisFn(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, grad_c, None, None, None
 
 
+def _base_and_inverse_norm(ops, x, w, a, inv):
+    """x·W0ᵀ and 1/‖V‖; a pending 1/‖V‖ (a function of A·W0ᵀ or None) is computed here, from the same
+    product as x·W0ᵀ where the ops share it."""
+    if not callable(inv):
+        return ops.base(x, w, None), inv
+    shared = ops.base_and_cross(x, w, a)
+    if shared is None:
+        return ops.base(x, w, None), inv(None)
+    z, cross_t = shared
+    return z, inv(cross_t)
+
+
 def _scale_grad(ops, g, y, bias, c, x, w, h, b, s, budget) -> torch.Tensor:
     """Σ g ⊙ z per output channel, z = pre-scale activations = (y − bias) / c (recomputed where c ≈ 0)."""
     grad_c = ops.channel_dot(g, y, bias, budget).div_(c)
-    if c.abs().min() < _SMALL_SCALE:
+    if torch.linalg.vector_norm(c, -math.inf).item() < _SMALL_SCALE:  # min |c|
         idx = (c.abs() < _SMALL_SCALE).nonzero().flatten()
         grad_c[idx] = ops.channel_dot(ops.take(g, idx), ops.recompute(x, w, h, b, s, idx), None, budget)
     return grad_c
@@ -715,11 +755,12 @@ class DoRAModule(nn.Module):
         if self._norm_batch is not None:
             self._norm_batch.forget()
 
-    def norm_squared(self) -> torch.Tensor:
+    def norm_squared(self, cross_t: torch.Tensor | None = None) -> torch.Tensor:
         """‖V‖² per channel on the axis via the low-rank identity (fp32, ≥ 0, differentiable in A and B).
 
         Costs one r-column product with W0 (out·in·kh·kw·r multiply-adds) and rank-sized products;
-        the dense V is never formed.
+        the dense V is never formed. `cross_t`: A·W0ᵀ in fp32 (output axis) when the caller already has it
+        (it is then consumed).
         """
         w0 = self.original_weight().detach()
         shape = w0.shape
@@ -727,8 +768,15 @@ class DoRAModule(nn.Module):
         a = self.lora_down.weight.to(torch.float32).reshape(self.rank, -1)
         b = self.lora_up.weight.to(torch.float32).reshape(shape[0], self.rank)
         in_place = not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
-        cross = _fp32_product(w0, a.t(), "left") if self.axis == "output" else _fp32_product(b.t(), w0, "right")
-        low = norm_squared_delta(cross, a, b, self.scale, self.axis, shape[1] if len(shape) > 2 else None, in_place)
+        in_channels = shape[1] if len(shape) > 2 else None
+        if cross_t is not None:
+            if self.axis != "output":
+                raise ValueError("A·W0ᵀ gives the output-axis norm only")
+            low = norm_squared_delta(cross_t, a, b, self.scale, "output", None, in_place, cross_transposed=True)
+        else:
+            cross = (_fp32_product(w0, a.t(), "left") if self.axis == "output"
+                     else _fp32_product(b.t(), w0, "right"))
+            low = norm_squared_delta(cross, a, b, self.scale, self.axis, in_channels, in_place)
         base = self.base_norm_squared()
         return low.add_(base).clamp_min_(0) if in_place else (low + base).clamp_min(0)
 
@@ -740,21 +788,32 @@ class DoRAModule(nn.Module):
         or `load_state_dict` do), so gradient accumulation, the recomputing forward of gradient checkpointing
         and the denoising steps of a sample pay for the norm once per weight update.
         """
+        inv, key = self._known_inverse_norm()
+        return inv if inv is not None else self._compute_inverse_norm(key)
+
+    def _known_inverse_norm(self) -> tuple[torch.Tensor | None, tuple | None]:
+        """(1/‖V‖ from the batch or kept from an earlier call, else None; the key a new value is kept under)."""
         batch = self._norm_batch
         if batch is not None:
             inv = batch.inverse_norm(self)
             if inv is not None:
-                return inv
+                return inv, None
         try:
             key = (self.alpha, self.axis, self.merged,
                    *norm_state_key(self.lora_down.weight, self.lora_up.weight, self.original_weight()))
         except RuntimeError:  # inference tensors have no version counter: nothing to key a cache on
-            key = None
+            return None, None
         cached = self._inverse_norm_cache
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None and cached[0] == key:
+            return cached[1], key
+        return None, key
+
+    def _compute_inverse_norm(self, key: tuple | None, cross_t: torch.Tensor | None = None) -> torch.Tensor:
+        """1/‖V‖ computed now (from A·W0ᵀ when given), kept under `key` (unless None)."""
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor even when sampling
-            inv = self.norm_squared().add_(NORM_EPS).rsqrt_()
+            if cross_t is not None and cross_t.is_inference():
+                cross_t = cross_t.clone()
+            inv = self.norm_squared(cross_t).add_(NORM_EPS).rsqrt_()
         self._inverse_norm_cache = None if key is None else (key, inv)
         return inv
 
@@ -799,10 +858,17 @@ class DoRAModule(nn.Module):
                 return _OutputAxisFn.apply(x, w, bias, a, b, None, None, k * self.scale, self._ops())
             return self._composite(x, w, bias, a, b, None, k)
         if fast and k == 1.0:
-            fn = _OutputAxisFn if self.axis == "output" else _InputAxisFn
-            if self.detach_norm:  # the Function takes m and 1/‖V‖ and returns the gradient of m itself
-                return fn.apply(x, w, bias, a, b, self.magnitude, self.inverse_norm(), self.scale, self._ops())
-            return fn.apply(x, w, bias, a, b, self._channel_scale(), None, self.scale, self._ops())
+            if not self.detach_norm:
+                fn = _OutputAxisFn if self.axis == "output" else _InputAxisFn
+                return fn.apply(x, w, bias, a, b, self._channel_scale(), None, self.scale, self._ops())
+            # the Function takes m and 1/‖V‖ and returns the gradient of m itself
+            if self.axis == "input":
+                return _InputAxisFn.apply(x, w, bias, a, b, self.magnitude, self.inverse_norm(), self.scale,
+                                          self._ops())
+            inv, key = self._known_inverse_norm()
+            if inv is None:  # computed in the Function, from its forward product where that can be shared
+                inv = functools.partial(self._compute_inverse_norm, key)
+            return _OutputAxisFn.apply(x, w, bias, a, b, self.magnitude, inv, self.scale, self._ops())
         return self._composite(x, w, bias, a, b, self._channel_scale(), k)
 
     def _composite(self, x, w, bias, a, b, c, k):

@@ -20,19 +20,23 @@ LAYERS = {
     "conv3x3_s2_p1": (lambda: nn.Conv2d(5, 7, 3, stride=2, padding=1), (2, 5, 9, 8)),
     "conv3x3_dil2": (lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2), (1, 4, 7, 7)),
     "conv1x1": (lambda: nn.Conv2d(6, 5, 1), (2, 6, 4, 5)),
-    "linear_nobias": (lambda: nn.Linear(8, 9, bias=False), (6, 8)),
+    "linear_nobias": (lambda: nn.Linear(9, 8, bias=False), (6, 9)),
     "conv_nobias": (lambda: nn.Conv2d(3, 4, 3, padding=1, bias=False), (1, 3, 5, 5)),
 }
 
 
-@pytest.fixture(autouse=True, params=["keep-z", "recover-z", "recover-z-fold"])
+@pytest.fixture(autouse=True, params=["keep-z", "recover-z", "recover-z-fold", "keep-z-shared", "recover-z-shared"])
 def output_axis_backward(request, monkeypatch):
     """Run every test with each output-axis variant: these small layers keep the pre-scale activations z
-    by default ("keep-z"); the others force the large-layer path that rebuilds z from y, scaling the
-    output by c ("recover-z") or W0's rows ("recover-z-fold", used where the weight is the smaller)."""
-    if request.param != "keep-z":
+    by default ("keep-z"); "recover-z…" force the large-layer path that rebuilds z from y, scaling the
+    output by c ("recover-z") or W0's rows ("recover-z-fold", used where the weight is the smaller);
+    "…-shared" take A·W0ᵀ for the norm from the forward product [x; A]·W0ᵀ (fp32 Linears whose input
+    is small next to W0 and whose output is no wider than their input; by default these test layers'
+    inputs are too large for that)."""
+    if request.param.startswith("recover-z"):
         monkeypatch.setattr(dora, "_SAVE_PRESCALE_ELEMS", 0)
         monkeypatch.setattr(dora, "_FOLD_RATIO", 1e9 if request.param.endswith("fold") else 0.0)
+    monkeypatch.setattr(dora, "_SHARED_NORM_RATIO", 1e9 if request.param.endswith("shared") else 0.0)
     return request.param
 
 
@@ -361,7 +365,31 @@ def test_output_axis_backward_variant_is_the_one_under_test(output_axis_backward
     module, x = make("linear")
     y = module(x)
     kept = y.grad_fn.next_functions[0][0].saved_tensors[-1]  # Linear output is viewed back to [..., out]
-    assert torch.equal(kept, y.reshape(kept.shape)) == (output_axis_backward != "keep-z")
+    assert torch.equal(kept, y.reshape(kept.shape)) == output_axis_backward.startswith("recover-z")
+
+
+@pytest.mark.parametrize("name", ["linear", "linear_nobias"])
+def test_shared_norm_product_replaces_the_separate_one(name, output_axis_backward, monkeypatch):
+    """In the "-shared" variants the forward takes A·W0ᵀ from its own product [x; A]·W0ᵀ: no separate product
+    with W0 runs, the kept 1/‖V‖ equals the dense formula's, and outputs and gradients match it after an
+    update."""
+    module, x = make(name)
+    products = []
+    original = dora._fp32_product
+    monkeypatch.setattr(dora, "_fp32_product", lambda *args: products.append(1) or original(*args))
+    with torch.no_grad():
+        module(x)
+    assert (len(products) == 0) == output_axis_backward.endswith("shared")
+    v_norm = (module.base.weight.double() + module.scale * module.lora_up.weight.double()
+              @ module.lora_down.weight.double()).norm(dim=1)
+    assert torch.allclose(module.inverse_norm().double(), 1 / v_norm, rtol=1e-6)
+    with torch.no_grad():
+        module.lora_down.weight.add_(0.05)  # stale norm: the next forward computes it again
+    y, grads = outputs_and_grads(lambda inp: module(inp) * 3.0 + 1.0, module, x)
+    y_ref, grads_ref = outputs_and_grads(lambda inp: naive(module, inp) * 3.0 + 1.0, module, x)
+    assert rel_err(y, y_ref) <= TOL
+    for what, g, g_ref in zip(["x", "A", "B", "m"], grads, grads_ref):
+        assert rel_err(g, g_ref) <= TOL, what
 
 
 @pytest.mark.parametrize("name", [n for n in LAYERS if n.startswith("conv")])
@@ -375,7 +403,8 @@ def count_norm_computations(monkeypatch):
     """A list that grows by one each time a DoRA layer computes its channel norm."""
     calls = []
     original = dora.DoRAModule.norm_squared
-    monkeypatch.setattr(dora.DoRAModule, "norm_squared", lambda self: calls.append(1) or original(self))
+    monkeypatch.setattr(dora.DoRAModule, "norm_squared",
+                        lambda self, cross_t=None: calls.append(1) or original(self, cross_t))
     return calls
 
 
