@@ -213,17 +213,17 @@ class _LinearOps:
         """x·W0ᵀ and A·W0ᵀ from one product [x; A]·W0ᵀ, or None where two products are cheaper.
 
         The shared product reads W0 once instead of twice (a second pass over a large W0 runs at memory
-        speed) and makes one larger GEMM. It costs a copy of x and one of the output (which must not keep
-        the A·W0ᵀ rows alive), so it is used only where both are small next to W0: x with at most
-        _SHARED_NORM_RATIO × W0's elements and the output no wider than the input. And only in fp32
-        (the norm needs fp32 products).
+        speed) and makes one larger GEMM. It costs a copy of x, and the caller must copy (or scale into a
+        new tensor) the first result, a view that would keep the A·W0ᵀ rows alive; so it is used only where
+        both are small next to W0: x with at most _SHARED_NORM_RATIO × W0's elements and the output no wider
+        than the input. And only in fp32 (the norm needs fp32 products).
         """
         rows, (out, width) = x.shape[0], w.shape
         if (not (x.dtype == w.dtype == a.dtype == torch.float32) or rows > _SHARED_NORM_RATIO * out
                 or out > width):
             return None
         full = torch.mm(torch.cat([x, a]), w.t())
-        return full[:rows].clone(), full[rows:]
+        return full[:rows], full[rows:]
 
     def up(self, h, b):
         return torch.mm(h, b.t())
@@ -483,14 +483,18 @@ class _OutputAxisFn(torch.autograd.Function):
             c = c if inv is None else c * inv
             y = ops.base(x, _scaled_rows(w, c), bias)
         else:
-            y, inv = _base_and_inverse_norm(ops, x, w, a, inv)
+            y, inv, shared = _base_and_inverse_norm(ops, x, w, a, inv)
             c = c if inv is None else c * inv
             if prescale:  # y is z: keep it, return c ⊙ z + bias
-                ops.add_up_(y, h, b, s)
+                z = y.clone() if shared else y  # not the view of the shared product
+                ops.add_up_(z, h, b, s)
                 ctx.prescale = True
-                ctx.save_for_backward(x, w, None, a, b, h, c, inv, y)
-                return ops.scaled(y, _cast(c, y.dtype), bias)
-            ops.scale_shift_(y, c, bias)
+                ctx.save_for_backward(x, w, None, a, b, h, c, inv, z)
+                return ops.scaled(z, _cast(c, z.dtype), bias)
+            if shared:  # scale into a new tensor: the shared product, A·W0ᵀ rows included, is freed
+                y = ops.scaled(y, _cast(c, y.dtype), bias)
+            else:
+                ops.scale_shift_(y, c, bias)
         ops.add_up_(y, h, b * _cast(c, b.dtype).view(_channel_shape("output", b.dim())), s)
         ctx.save_for_backward(x, w, bias, a, b, h, c, inv, y)
         return y
@@ -535,15 +539,15 @@ class _OutputAxisFn(torch.autograd.Function):
 
 
 def _base_and_inverse_norm(ops, x, w, a, inv):
-    """x·W0ᵀ and 1/‖V‖; a pending 1/‖V‖ (a function of A·W0ᵀ or None) is computed here, from the same
-    product as x·W0ᵀ where the ops share it."""
+    """x·W0ᵀ, 1/‖V‖ and whether x·W0ᵀ is a view of a shared product with A·W0ᵀ: a pending 1/‖V‖ (a function
+    of A·W0ᵀ or None) is computed here, from the same product as x·W0ᵀ where the ops can share it."""
     if not callable(inv):
-        return ops.base(x, w, None), inv
+        return ops.base(x, w, None), inv, False
     shared = ops.base_and_cross(x, w, a)
     if shared is None:
-        return ops.base(x, w, None), inv(None)
+        return ops.base(x, w, None), inv(None), False
     z, cross_t = shared
-    return z, inv(cross_t)
+    return z, inv(cross_t), True
 
 
 def _scale_grad(ops, g, y, bias, c, x, w, h, b, s, budget) -> torch.Tensor:

@@ -385,6 +385,12 @@ def test_shared_norm_product_replaces_the_separate_one(name, output_axis_backwar
     assert torch.allclose(module.inverse_norm().double(), 1 / v_norm, rtol=1e-6)
     with torch.no_grad():
         module.lora_down.weight.add_(0.05)  # stale norm: the next forward computes it again
+    y = module(x)
+    kept = [y] + [t for t in y.grad_fn.next_functions[0][0].saved_tensors if t is not None]
+    for t in kept:  # neither the output nor what backward keeps holds on to the A·W0ᵀ rows
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    with torch.no_grad():
+        module.lora_up.weight.mul_(1.1)
     y, grads = outputs_and_grads(lambda inp: module(inp) * 3.0 + 1.0, module, x)
     y_ref, grads_ref = outputs_and_grads(lambda inp: naive(module, inp) * 3.0 + 1.0, module, x)
     assert rel_err(y, y_ref) <= TOL
