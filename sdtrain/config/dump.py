@@ -28,6 +28,27 @@ def config_to_dict(config: Config) -> dict:
     return clean(dataclasses.asdict(config))
 
 
+def config_to_flat_dict(config: Config) -> dict:
+    """{dotted key: value} of every set key, subsets numbered (`data.subsets.0.path`); tables stay whole."""
+    flat: dict = {}
+
+    def walk(cls, data: dict, prefix: str):
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            kind, value, key = f.metadata["kind"], data[f.name], prefix + f.name
+            if isinstance(kind, Section):
+                walk(kind.cls, value, key + ".")
+            elif isinstance(kind, SectionList):
+                for index, item in enumerate(value):
+                    walk(kind.cls, item, f"{key}.{index}.")
+            else:
+                flat[key] = value
+
+    walk(Config, config_to_dict(config), "")
+    return flat
+
+
 # ---------------------------------------------------------------- TOML writing
 
 

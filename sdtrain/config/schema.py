@@ -3,12 +3,17 @@
 Each setting carries its kind (type and accepted values), default and help text, so
 validation, defaults, the resolved-config dump and docs/config.md all come from here.
 Defaults written as text in `default_doc` are filled in by `resolve.py` after loading.
+The accepted values of a choice come from the module that implements it (optimizers, schedules, samplers,
+losses, network types, axes, presets); those modules import torch only where they use it, so loading a config
+stays light.
 """
 
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 
+from sdtrain.adapters.presets import PRESETS
+from sdtrain.adapters.spec import AXES, TYPES
 from sdtrain.config.kinds import (
     Bool,
     Choice,
@@ -24,13 +29,13 @@ from sdtrain.config.kinds import (
     StrList,
     Table,
 )
+from sdtrain.train.loss import LOSS_KINDS
+from sdtrain.train.optim import OPTIMIZER_TYPES, SCHEDULER_TYPES
+from sdtrain.train.sampling import SAMPLERS
 
 ARCHS = ("auto", "sd15", "sd2", "sdxl")
 BUILTIN_MODELS = {"builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl"}
 DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
-OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Adafactor", "Prodigy", "SGD")
-SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
-SAMPLERS = ("euler_a", "ddim", "euler", "dpmpp_2m")
 VERIFY_TARGETS = ("comfyui", "a1111", "lycoris")
 
 
@@ -66,14 +71,14 @@ class ModelConfig:
 
 @dataclass
 class NetworkConfig:
-    type: str = setting("dora", Choice(("dora", "lora")), "Adapter type: DoRA (weight-decomposed) or plain LoRA.")
+    type: str = setting("dora", Choice(TYPES), "Adapter type: DoRA (weight-decomposed) or plain LoRA.")
     rank: int = setting(16, Int(min=1), "Adapter rank (kohya network_dim); 16-32 is typical for SDXL characters.")
     alpha: float | None = setting(None, Float(min=0, min_open=True), "Scale numerator: the update is multiplied by alpha / rank.",
                                   default_doc="rank")
-    decompose_axis: str = setting("output", Choice(("output", "input")),
+    decompose_axis: str = setting("output", Choice(AXES),
                                   "DoRA magnitude axis: one scale per output row (LyCORIS default) or per input column.")
     detach_norm: bool = setting(True, Bool(), "Treat the DoRA weight norm as a constant in the backward pass (the paper's memory saving).")
-    preset: str = setting("attn-mlp", Choice(("attn", "attn-mlp", "full")),
+    preset: str = setting("attn-mlp", Choice(tuple(PRESETS)),
                           "Which layers get adapters: attention only, attention + feed-forward, or also ResNet convolutions.")
     include: list[str] = setting(list, StrList(), "Extra layers to adapt: glob or re: patterns over kohya module names (lora_unet_...).")
     exclude: list[str] = setting(list, StrList(), "Layers to skip: glob or re: patterns over kohya module names; applied after include.")
@@ -124,7 +129,7 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    type: str = setting("AdamW8bit", Choice(OPTIMIZERS), "Optimizer (8-bit ones come from bitsandbytes).")
+    type: str = setting("AdamW8bit", Choice(OPTIMIZER_TYPES), "Optimizer (8-bit ones come from bitsandbytes).")
     lr: float = setting(1e-4, Float(min=0, min_open=True), "Learning rate (kohya learning_rate); about 1.0 for Prodigy.")
     unet_lr: float | None = setting(None, Float(min=0, min_open=True), "Learning rate of UNet adapters.", default_doc="lr")
     text_encoder_lr: float | None = setting(None, Float(min=0, min_open=True), "Learning rate of text-encoder adapters.",
@@ -139,7 +144,7 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    type: str = setting("constant", Choice(SCHEDULERS), "Learning-rate schedule (diffusers get_scheduler names).")
+    type: str = setting("constant", Choice(SCHEDULER_TYPES), "Learning-rate schedule (diffusers get_scheduler names).")
     warmup_steps: int = setting(0, Int(min=0), "Linear warm-up steps (not with \"constant\").")
     num_cycles: int = setting(1, Int(min=1), "Restarts of \"cosine_with_restarts\".")
     power: float = setting(1.0, Float(min=0, min_open=True), "Power of the \"polynomial\" decay.")
@@ -155,8 +160,8 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, Float(min=0), "Gradient clipping norm (0 = off).")
     mixed_precision: str = setting("bf16", Choice(("no", "fp16", "bf16")), "Autocast precision; bf16 needs an Ampere or newer GPU.")
     gradient_checkpointing: bool = setting(False, Bool(), "Recompute activations in backward to save memory.")
-    seed: int = setting(42, Int(min=0), "Random seed for noise, timesteps, shuffling and augmentation.")
-    loss: str = setting("l2", Choice(("l2", "l1", "huber")), "Loss between prediction and target.")
+    seed: int = setting(42, Int(min=0), "Random seed for noise, timesteps, shuffling, augmentation and the adapters' initial weights.")
+    loss: str = setting("l2", Choice(LOSS_KINDS), "Loss between prediction and target.")
     huber_c: float = setting(0.1, Float(min=0, min_open=True), "Huber loss threshold.")
     min_snr_gamma: float = setting(0.0, Float(min=0), "Min-SNR loss weighting gamma (5 is common; 0 = off).")
     noise_offset: float = setting(0.0, Float(min=0), "Noise offset for darker/brighter images (0.0357 is common; 0 = off).")
@@ -165,7 +170,6 @@ class TrainConfig:
     output_dir: str = setting("output", Path("output_dir"), "Folder for adapters, states, samples and the resolved config.")
     output_name: str | None = setting(None, Str(nonempty=True), "File name stem of saved adapters.",
                                       default_doc="the config file's name")
-    attention: str = setting("sdpa", Choice(("sdpa", "default")), "Attention implementation: PyTorch SDPA or diffusers' default processor.")
 
 
 @dataclass
@@ -174,7 +178,7 @@ class SaveConfig:
     every_n_epochs: int = setting(0, Int(min=0), "Save the adapter every N epochs (0 = off).")
     keep_last: int = setting(0, Int(min=0), "Keep only the newest N intermediate adapters (0 = keep all).")
     dtype: str = setting("fp16", Choice(("fp16", "bf16", "fp32")), "Precision of saved adapter weights.")
-    state_every_n_steps: int = setting(0, Int(min=0), "Save a resumable training state every N steps (0 = off).")
+    state_every_n_steps: int = setting(0, Int(min=0), "Also save a resumable training state every N steps (0 = only at the end and when stopped).")
     keep_last_states: int = setting(1, Int(min=0), "Keep only the newest N training states (0 = keep all).")
     verify_targets: list[str] = setting(lambda: list(VERIFY_TARGETS), StrList(VERIFY_TARGETS),
                                         "Loaders whose key layout the saved file is checked against ([] = skip).")
@@ -185,7 +189,7 @@ class SampleConfig:
     every_n_steps: int = setting(0, Int(min=0), "Render sample images every N steps (0 = off).")
     prompts: list[str] = setting(list, StrList(), "kohya prompt lines: text with --n negative, --w width, --h height, "
                                  "--d seed, --l CFG scale, --s steps.")
-    sampler: str = setting("euler_a", Choice(SAMPLERS), "Sampler for sample images.")
+    sampler: str = setting("euler_a", Choice(tuple(SAMPLERS)), "Sampler for sample images.")
     steps: int = setting(20, Int(min=1), "Sampling steps (a prompt's --s wins).")
     cfg_scale: float = setting(7.0, Float(min=0), "Classifier-free guidance scale (a prompt's --l wins).")
     seed: int | None = setting(None, Int(min=0), "Seed of sample images (a prompt's --d wins).", default_doc="train.seed")
