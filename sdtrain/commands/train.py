@@ -19,10 +19,25 @@ def add_arguments(parser):
     parser.add_argument("--quiet", action="store_true", help="no progress bar or plan output")
 
 
+def continue_command(args) -> str:
+    """This command with `--resume latest` instead of --resume/--init-from/--dry-run: how to continue the run."""
+    import shlex
+
+    words = ["sdtrain", "train", args.config]
+    for dest, value in vars(args).items():
+        if dest in ("command", "_run", "config", "resume", "init_from", "dry_run") or value in (None, False, []):
+            continue
+        flag = "--set" if dest == "overrides" else "--" + dest.replace("_", "-")
+        for item in value if isinstance(value, list) else [value]:
+            words += [flag] if item is True else [flag, str(item)]
+    return shlex.join(words + ["--resume", "latest"])
+
+
 def run(args) -> int:
     from sdtrain.config import load_config
     from sdtrain.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, dry_run=args.dry_run, resume=args.resume, init_from=args.init_from, quiet=args.quiet)
+    train(cfg, dry_run=args.dry_run, resume=args.resume, init_from=args.init_from, quiet=args.quiet,
+          continue_command=continue_command(args))
     return 0
