@@ -59,8 +59,10 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, straight, stop_at):
 
 
 def test_accumulation_stop_mid_epoch_and_resume(tmp_path):
-    """Accumulation 2: 20 steps of 2 batches straight vs a stop after 22 batches (mid-epoch) and resume."""
-    overrides = ["train.gradient_accumulation_steps=2", "train.max_steps=20"]
+    """Accumulation 2: 20 steps of 2 batches straight vs a stop after 22 batches (mid-epoch) and resume; the
+    cosine schedule with warm-up resumes at its position."""
+    overrides = ["train.gradient_accumulation_steps=2", "train.max_steps=20", "scheduler.type=cosine",
+                 "scheduler.warmup_steps=4"]
     straight = run(write_config(tmp_path, "straight"), overrides)
     config = write_config(tmp_path, "resumed")
     run(config, overrides, stop_at=11)
