@@ -66,7 +66,7 @@ class ModelConfig:
     clip_skip: int = setting(1, Int(min=1), "Use the output of the N-th last text-encoder layer (1 = last, 2 = kohya/A1111 \"clip skip 2\").")
     allow_pickle: bool = setting(False, Bool(), "Allow loading pickled .ckpt/.pt/.bin files, which can run code; only for files you trust.")
     revision: str | None = setting(None, Str(nonempty=True), "Hub revision (branch, tag or commit) of a hub model.")
-    variant: str | None = setting(None, Str(nonempty=True), "Hub weight variant, e.g. \"fp16\".")
+    variant: str | None = setting(None, Str(nonempty=True), "Weight variant of a hub model or diffusers folder, e.g. \"fp16\" (files *.fp16.safetensors).")
 
 
 @dataclass
@@ -122,7 +122,7 @@ class DataConfig:
     cache_dir: str | None = setting(None, Path("output_dir"), "Folder for cached latents and text-encoder outputs.",
                                     default_doc="{train.output_dir}/cache")
     cache_text_encoder_outputs: bool = setting(False, Bool(), "Cache text-encoder outputs (needs fixed captions and frozen text encoders).")
-    num_workers: int = setting(2, Int(min=0), "Data loader worker processes (0 = load in the main process).")
+    num_workers: int = setting(2, Int(min=0), "Data loader worker processes (0 = load in the main process). Not used yet: batches load in the main process.")
     subsets: list[SubsetConfig] = setting(list, SectionList(SubsetConfig), "Image folders, one [[data.subsets]] table each.",
                                           required=True, example='[[data.subsets]]\npath = "datasets/my_character"')
 

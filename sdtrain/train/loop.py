@@ -75,6 +75,7 @@ class Trainer:
         self.stop = StopRequest()
         self.base = None
         self.finished_state = None  # a resumed state already at the last step: nothing to train
+        self.state_step = None  # the step of the newest state this run wrote
         self._epoch_cache = None
 
     # ------------------------------------------------------------------ output
@@ -484,10 +485,12 @@ class Trainer:
         save.keep_last_states."""
         from sdtrain.train.state import save_training_state, state_info
 
+        if self.state_step == self.global_step:  # a stop right after a periodic state: it is this one
+            return self.result.state
         info = state_info(self.cfg, self.plan, self.global_step, self.base.fingerprint, self.last_save)
         path = save_training_state(self.accelerator, self.output_dir, adapter_state=self.adapters.trainable_state_dict(),
                                    info=info, keep_last=self.cfg.save.keep_last_states)
-        self.result.state = path
+        self.result.state, self.state_step = path, self.global_step
         return path
 
     def sample(self, step: int) -> None:

@@ -112,10 +112,13 @@ def save_training_state(accelerator, output_dir, *, adapter_state: dict, info: d
         (temp / TRAINER_STATE).write_text(json.dumps(info, indent=1))
         (temp / COMPLETE).write_text("ok\n")
         fsync_tree(temp)
-        if final.exists():
-            shutil.rmtree(final)
+        replaced = root / f".replaced-step-{step:08d}"
+        if final.exists():  # a state of this step from an earlier run: set aside until the new one is in place
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(temp, final)
         fsync_dir(root)
+        shutil.rmtree(replaced, ignore_errors=True)
         if keep_last:
             for old in complete_states(root)[0][:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -133,6 +136,8 @@ def complete_states(root: Path) -> tuple[list[Path], list[Path]]:
     found, incomplete = [], []
     for folder in sorted(root.iterdir()):
         if not folder.is_dir():
+            continue
+        if folder.name.startswith(".replaced-"):
             continue
         if folder.name.startswith(".incomplete-") or not (folder / COMPLETE).is_file():
             incomplete.append(folder)

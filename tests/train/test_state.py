@@ -97,6 +97,7 @@ def test_finished_default_run_resumes_to_more_steps(tmp_path, capsys):
     assert "nothing to train" in capsys.readouterr().out
     longer = run(config, ["train.max_steps=7"], resume="latest")
     assert longer.result.steps == 7 and len(longer.result.losses) == 3
+    assert [p.name for p in complete_states(states_root(first.output_dir))[0]] == ["step-00000007"]
     straight = run(config, ["train.max_steps=7", f"train.output_dir={tmp_path / 'straight'}"])
     assert_bitwise_equal(adapter_tensors(straight), adapter_tensors(longer))
     assert loss_log(longer) == loss_log(straight)
