@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import tempfile
 
 from sdtrain.config.schema import BUILTIN_MODELS, Config, default_resolution
 from sdtrain.prompts import parse_prompt_line
@@ -29,6 +30,23 @@ def looks_like_hub_id(value: str) -> bool:
 
 def _local(base_dir: str, value: str) -> str:
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+
+
+def _unwritable(folder: str) -> str:
+    """Why files cannot be created in `folder` (or in the folders that would be created for it), or ""."""
+    existing = folder
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:  # the only reliable test: read-only mounts, /proc and ACLs all answer os.access wrongly for root
+        os.rmdir(tempfile.mkdtemp(prefix=".sdtrain-write-check-", dir=existing))
+    except OSError as exc:
+        return f"{existing} is not writable ({exc.strerror})"
+    return ""
 
 
 class Resolver:
@@ -188,6 +206,10 @@ class Resolver:
         local = _local(self.base_dir, value)
         if os.path.exists(local) and not os.path.isdir(local):
             self.fail(dotted, f"{local} is a file; it accepts a folder path")
+        else:
+            problem = _unwritable(local)
+            if problem:
+                self.fail(dotted, f"cannot write into {local}: {problem}; choose a folder you can write to")
         return local
 
     def outputs(self):
