@@ -107,7 +107,8 @@ def _optional(package: str, users: dict[str, str]):
             used = f"; used by {', '.join(users)}" if users else ""
             return f"{version}; {what}{used}"
         if required:
-            raise MissingPackage(f"{package} is not installed and {', '.join(required)} need it for {what}; "
+            verb = "needs" if len(required) == 1 else "need"
+            raise MissingPackage(f"{package} is not installed and {', '.join(required)} {verb} it for {what}; "
                                  f"{install}")
         if auto:
             raise FeatureOff(f"{package} is not installed: {what} is off in {', '.join(auto)}; {install} turns it on")
