@@ -8,7 +8,6 @@ device for a dry run; `inject_adapters` carries a plan out on real models and re
 from __future__ import annotations
 
 import fnmatch
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -20,8 +19,6 @@ from torch import nn
 from sdtrain.adapters.adapter_set import AdapterSet, format_report
 from sdtrain.adapters.presets import ADAPTABLE, PRESETS, layer_kind, text_encoder_paths, unet_preset_paths
 from sdtrain.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 TYPES = ("dora", "lora")
 AXES = ("output", "input")
@@ -214,8 +211,6 @@ def plan_injection(unet, text_encoders, arch: str, spec: NetworkSpec) -> Injecti
         excluded |= hits
     selected = [c for c in selected if c.kohya_name not in excluded]
 
-    for message in warnings:
-        log.warning(message)
     if not selected:
         raise ConfigError(
             f'network.preset/include/exclude select no layer (preset "{spec.preset}", include {spec.include}, '

@@ -83,6 +83,21 @@ class Bool(Kind):
 
 
 @dataclass(frozen=True)
+class BoolOrAuto(Kind):
+    """true, false, or "auto" (decided when the config is resolved)."""
+
+    def check(self, value):
+        if isinstance(value, bool) or value == "auto":
+            return value
+        if isinstance(value, str):
+            raise Mismatch("value", "auto" if value.strip().lower() == "auto" else "")
+        raise Mismatch("type")
+
+    def describe(self) -> str:
+        return 'true, false or "auto"'
+
+
+@dataclass(frozen=True)
 class Int(Kind):
     """An integer; every integer key also fits a signed 64-bit integer (what TOML, JSON metadata and torch hold)."""
 

@@ -61,6 +61,10 @@ class Resolver:
     def fail(self, dotted: str, message: str):
         self.problems.add(f"'{dotted}' in {self.problems.where(dotted)}: {message}")
 
+    def note(self, message: str):
+        """Something the user should know about the resolved config (printed once by the command)."""
+        self.problems.notes.append(message)
+
     def run(self):
         self.model()
         self.network()
@@ -238,9 +242,15 @@ class Resolver:
     def log(self):
         g = self.c.log
         g.log_dir = self._output_dir("log.log_dir", g.log_dir or os.path.join(self.c.train.output_dir, "logs"))
-        if g.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        installed = importlib.util.find_spec("tensorboard") is not None
+        if g.tensorboard == "auto":
+            g.tensorboard = installed
+            if not installed:
+                self.note("TensorBoard logging is off: the tensorboard package is not installed (pip install "
+                          "tensorboard turns it on; loss_log.csv in the output folder has the loss of every step)")
+        elif g.tensorboard and not installed:
             self.fail("log.tensorboard", "needs the tensorboard package; install it (pip install tensorboard) "
-                                         "or set log.tensorboard = false")
+                                         'or set log.tensorboard = "auto" or false')
 
 
 def resolve_config(config: Config, base_dir: str, problems, stem: str | None = None) -> Config:

@@ -11,6 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from sdtrain.config.kinds import (
     Bool,
+    BoolOrAuto,
     Choice,
     Float,
     FloatPair,
@@ -194,7 +195,9 @@ class SampleConfig:
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = setting(True, Bool(), "Write TensorBoard event files.")
+    tensorboard: bool | str = setting("auto", BoolOrAuto(), "Write TensorBoard event files (loss, learning rate, "
+                                      "grad norm); \"auto\": when the tensorboard package is installed "
+                                      "(pip install tensorboard), else off with a note.")
     log_dir: str | None = setting(None, Path("output_dir"), "Folder for logs.", default_doc="{train.output_dir}/logs")
     log_every_n_steps: int = setting(10, Int(min=1), "Log loss and learning rate every N steps.")
 
