@@ -35,6 +35,7 @@ import hashlib
 import os
 import random
 import re
+import stat
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,7 +47,8 @@ import torch
 from sdtrain.data.buckets import Bucketing, Size, apply_crop, plan_crop, sdxl_time_ids
 from sdtrain.data.cache import LatentItem
 from sdtrain.data.captions import (
-    CaptionOptions, UnreadableCaption, augment_caption, cacheable_captions, needs_live_encoding, read_caption,
+    MAX_CAPTION_CHARS, CaptionOptions, UnreadableCaption, augment_caption, cacheable_captions, needs_live_encoding,
+    read_caption_checked,
 )
 from sdtrain.data.images import (
     IMAGE_EXTENSIONS, UnreadableImage, content_hash, decode_image, is_image_file, read_image_bytes,
@@ -118,6 +120,7 @@ class ImageRecord:
     content_hash: str
     subset_index: int = 0
     caption_source: str = "file"
+    caption_cut: bool = False  # the caption file's first line was longer than MAX_CAPTION_CHARS
 
 
 @dataclass(frozen=True)
@@ -146,9 +149,15 @@ def subset_folders(spec: SubsetSpec) -> list[ImageFolder]:
     folders = [folder(root, 1, None)]
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         match = REPEAT_FOLDER.match(sub.name)
-        if match and int(match.group(1)) > 0:
+        if match and int(match.group(1)) > 0 and not _searched_elsewhere(sub, [f.path for f in folders]):
             folders.append(folder(sub, int(match.group(1)), match.group(2)))
     return folders
+
+
+def _searched_elsewhere(folder: Path, searched: list[Path]) -> Path | None:
+    """The searched folder that `folder` is (through links), if any: its images must not count twice."""
+    real = folder.resolve()
+    return next((other for other in searched if other != folder and other.resolve() == real), None)
 
 
 def _count_images(folder: Path) -> int:
@@ -170,7 +179,10 @@ def ignored_folders(spec: SubsetSpec) -> list[IgnoredFolder]:
             if not count:
                 continue
             match = REPEAT_FOLDER.match(sub.name)
-            if sub.name.startswith("."):
+            same = _searched_elsewhere(sub, searched)
+            if same is not None:
+                reason = f"a link to {same}, which is already searched: its images would count twice"
+            elif sub.name.startswith("."):
                 reason = "hidden folder: not searched"
             elif parent != root or root_is_repeat:
                 reason = (f'nested inside the repeat folder "{parent.name}": only the images directly in a repeat '
@@ -215,9 +227,12 @@ def small_images(records: list[ImageRecord], bucketing: Bucketing) -> list[Small
 def _scan_image(path: Path, folder: ImageFolder, spec: SubsetSpec, bucketing: Bucketing,
                 subset_index: int) -> ImageRecord | SkippedFile:
     caption_path = path.with_suffix(spec.caption_suffix)
+    caption_cut = False
+    if caption_path.exists() and not caption_path.is_file():
+        return SkippedFile(caption_path, f"not a regular file (its image {path.name} was skipped)")
     if caption_path.is_file():
         try:
-            caption, source = read_caption(caption_path), "file"
+            (caption, caption_cut), source = read_caption_checked(caption_path), "file"
         except UnreadableCaption as exc:
             return SkippedFile(caption_path, f"{exc.reason} (its image {path.name} was skipped)")
     elif folder.class_caption is not None:
@@ -232,7 +247,7 @@ def _scan_image(path: Path, folder: ImageFolder, spec: SubsetSpec, bucketing: Bu
     return ImageRecord(
         path=path, caption=caption, repeats=folder.repeats, is_reg=spec.is_reg, original_size=image.size,
         bucket=bucketing.assign(*image.size), content_hash=content_hash(data), subset_index=subset_index,
-        caption_source=source,
+        caption_source=source, caption_cut=caption_cut,
     )
 
 
@@ -240,16 +255,44 @@ def scan_subset(spec: SubsetSpec, bucketing: Bucketing | None = None, subset_ind
                 workers: int | None = None) -> tuple[list[ImageRecord], list[SkippedFile]]:
     """Records of a subset's usable images (sorted by folder, then file name) and its skipped files."""
     bucketing = bucketing or Bucketing()
-    jobs = []
+    jobs, skipped, seen = [], [], {}
     for folder in subset_folders(spec):
-        for path in sorted(p for p in folder.path.iterdir() if is_image_file(p) and p.is_file()):
+        for path in sorted(p for p in folder.path.iterdir() if is_image_file(p)):
+            problem = _not_a_regular_file(path)
+            if problem:
+                skipped.append(SkippedFile(path, problem))
+                continue
+            real = path.resolve()
+            if real in seen:
+                skipped.append(SkippedFile(path, f"the same file as {seen[real]} (through a link): used once"))
+                continue
+            seen[real] = path
             jobs.append((path, folder))
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda job: _scan_image(job[0], job[1], spec, bucketing, subset_index), jobs))
     records = [r for r in results if isinstance(r, ImageRecord)]
-    skipped = [r for r in results if isinstance(r, SkippedFile)]
+    skipped.extend(r for r in results if isinstance(r, SkippedFile))
     return records, skipped
+
+
+def _not_a_regular_file(path: Path) -> str:
+    """Why an entry named like an image cannot be read as one (a pipe would block the scan), or ""."""
+    try:
+        mode = path.stat().st_mode  # follows links
+    except OSError as exc:
+        if path.is_symlink():
+            return f"a link that leads nowhere ({exc.strerror}: broken, or a loop of links)"
+        return f"cannot read it ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "a folder named like an image"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO), not an image file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not an image file"
+    return "not a regular file"
 
 
 @dataclass
@@ -315,6 +358,14 @@ class ScannedDataset:
                          f"({i.scale:.3g}x)" for i in shown)
             if len(self.small) > len(shown):
                 lines.append(f"  ... and {len(self.small) - len(shown)} more")
+        cut = [r for r in self.records if r.caption_cut]
+        if cut:
+            lines.append(f"warning: {len(cut)} caption{'s are' if len(cut) != 1 else ' is'} longer than "
+                         f"{MAX_CAPTION_CHARS} characters and cut there (the text encoders read a few hundred at "
+                         "most):")
+            lines.extend(f"  {r.path.with_suffix(self.specs[r.subset_index].caption_suffix)}" for r in cut[:_LISTED])
+            if len(cut) > _LISTED:
+                lines.append(f"  ... and {len(cut) - _LISTED} more")
         lines.extend(f"note: {text}" for text in self.notes)
         return "\n".join(lines)
 
