@@ -207,9 +207,9 @@ def test_unknown_key_from_an_override_points_at_the_override(project):
     [
         ('train.batch_size="two"', ["'train.batch_size'", "wrong type", '"two" (string)', "an integer >= 1"]),
         ("train.max_steps=true", ["'train.max_steps'", "wrong type", "true (boolean)", "an integer >= 1"]),
-        ("network.rank=0", ["'network.rank'", "out of range", "0 (integer)", "an integer >= 1"]),
+        ("network.rank=0", ["'network.rank'", "out of range", "0 (integer)", "an integer in [1, 2048]"]),
         ("data.subsets.0.caption_dropout=1.5", ["'data.subsets.0.caption_dropout'", "a number in [0, 1]"]),
-        ("network.alpha=0", ["'network.alpha'", "a number > 0"]),
+        ("network.alpha=0", ["'network.alpha'", "a finite number > 0"]),
         ("data.resolution=[1000, 1024]", ["'data.resolution'", "multiples of 64"]),
         ("optimizer.betas=[0.9]", ["'optimizer.betas'", "a list of two numbers"]),
         ('optimizer.type="adamw8bit"', ["'optimizer.type'", '"AdamW", "AdamW8bit"', 'did you mean "AdamW8bit"?']),

@@ -8,7 +8,6 @@ device for a dry run; `inject_adapters` carries a plan out on real models and re
 from __future__ import annotations
 
 import fnmatch
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -22,7 +21,6 @@ from sdtrain.adapters.presets import PRESETS, layer_kind, text_encoder_paths, un
 from sdtrain.adapters.spec import AXES, TYPES, NetworkSpec
 from sdtrain.errors import ConfigError
 
-log = logging.getLogger(__name__)
 
 
 class PlannedAdapter(NamedTuple):
@@ -181,8 +179,6 @@ def plan_injection(unet, text_encoders, arch: str, spec: NetworkSpec) -> Injecti
         excluded |= hits
     selected = [c for c in selected if c.kohya_name not in excluded]
 
-    for message in warnings:
-        log.warning(message)
     if not selected:
         raise ConfigError(
             f'network.preset/include/exclude select no layer (preset "{spec.preset}", include {spec.include}, '

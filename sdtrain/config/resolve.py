@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import tempfile
 
 from sdtrain.config.schema import BUILTIN_MODELS, Config, default_resolution
 from sdtrain.prompts import parse_prompt_line
@@ -31,6 +32,23 @@ def _local(base_dir: str, value: str) -> str:
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
 
 
+def _unwritable(folder: str) -> str:
+    """Why files cannot be created in `folder` (or in the folders that would be created for it), or ""."""
+    existing = folder
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:  # the only reliable test: read-only mounts, /proc and ACLs all answer os.access wrongly for root
+        os.rmdir(tempfile.mkdtemp(prefix=".sdtrain-write-check-", dir=existing))
+    except OSError as exc:
+        return f"{existing} is not writable ({exc.strerror})"
+    return ""
+
+
 class Resolver:
     """Fills derived defaults of a schema-checked `Config` in place, collecting problems."""
 
@@ -42,6 +60,10 @@ class Resolver:
 
     def fail(self, dotted: str, message: str):
         self.problems.add(f"'{dotted}' in {self.problems.where(dotted)}: {message}")
+
+    def note(self, message: str):
+        """Something the user should know about the resolved config (printed once by the command)."""
+        self.problems.notes.append(message)
 
     def run(self):
         self.model()
@@ -188,6 +210,10 @@ class Resolver:
         local = _local(self.base_dir, value)
         if os.path.exists(local) and not os.path.isdir(local):
             self.fail(dotted, f"{local} is a file; it accepts a folder path")
+        else:
+            problem = _unwritable(local)
+            if problem:
+                self.fail(dotted, f"cannot write into {local}: {problem}; choose a folder you can write to")
         return local
 
     def outputs(self):
@@ -216,9 +242,15 @@ class Resolver:
     def log(self):
         g = self.c.log
         g.log_dir = self._output_dir("log.log_dir", g.log_dir or os.path.join(self.c.train.output_dir, "logs"))
-        if g.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        installed = importlib.util.find_spec("tensorboard") is not None
+        if g.tensorboard == "auto":
+            g.tensorboard = installed
+            if not installed:
+                self.note("TensorBoard logging is off: the tensorboard package is not installed (pip install "
+                          "tensorboard turns it on; loss_log.csv in the output folder has the loss of every step)")
+        elif g.tensorboard and not installed:
             self.fail("log.tensorboard", "needs the tensorboard package; install it (pip install tensorboard) "
-                                         "or set log.tensorboard = false")
+                                         'or set log.tensorboard = "auto" or false')
 
 
 def resolve_config(config: Config, base_dir: str, problems, stem: str | None = None) -> Config:

@@ -16,6 +16,7 @@ from sdtrain.adapters.presets import PRESETS
 from sdtrain.adapters.spec import AXES, TYPES
 from sdtrain.config.kinds import (
     Bool,
+    BoolOrAuto,
     Choice,
     Float,
     FloatPair,
@@ -29,6 +30,7 @@ from sdtrain.config.kinds import (
     StrList,
     Table,
 )
+from sdtrain.limits import MAX_CFG_SCALE, MAX_RANK, MAX_REPEATS, MAX_SAMPLE_STEPS, MAX_SEED, MAX_SIDE
 from sdtrain.train.loss import LOSS_KINDS
 from sdtrain.train.optim import OPTIMIZER_TYPES, SCHEDULER_TYPES
 from sdtrain.train.sampling import SAMPLERS
@@ -63,7 +65,7 @@ class ModelConfig:
                                      "Local diffusers config folder used to build a single-file checkpoint offline.")
     prediction_type: str = setting("auto", Choice(("auto", "epsilon", "v_prediction")),
                                    "What the UNet predicts; \"auto\" reads it from the model's scheduler config.")
-    clip_skip: int = setting(1, Int(min=1), "Use the output of the N-th last text-encoder layer (1 = last, 2 = kohya/A1111 \"clip skip 2\").")
+    clip_skip: int = setting(1, Int(min=1, max=12), "Use the output of the N-th last text-encoder layer (1 = last, 2 = kohya/A1111 \"clip skip 2\").")
     allow_pickle: bool = setting(False, Bool(), "Allow loading pickled .ckpt/.pt/.bin files, which can run code; only for files you trust.")
     revision: str | None = setting(None, Str(nonempty=True), "Hub revision (branch, tag or commit) of a hub model.")
     variant: str | None = setting(None, Str(nonempty=True), "Weight variant of a hub model or diffusers folder, e.g. \"fp16\" (files *.fp16.safetensors).")
@@ -72,7 +74,7 @@ class ModelConfig:
 @dataclass
 class NetworkConfig:
     type: str = setting("dora", Choice(TYPES), "Adapter type: DoRA (weight-decomposed) or plain LoRA.")
-    rank: int = setting(16, Int(min=1), "Adapter rank (kohya network_dim); 16-32 is typical for SDXL characters.")
+    rank: int = setting(16, Int(min=1, max=MAX_RANK), "Adapter rank (kohya network_dim); 16-32 is typical for SDXL characters.")
     alpha: float | None = setting(None, Float(min=0, min_open=True), "Scale numerator: the update is multiplied by alpha / rank.",
                                   default_doc="rank")
     decompose_axis: str = setting("output", Choice(AXES),
@@ -82,7 +84,7 @@ class NetworkConfig:
                           "Which layers get adapters: attention only, attention + feed-forward, or also ResNet convolutions.")
     include: list[str] = setting(list, StrList(), "Extra layers to adapt: glob or re: patterns over kohya module names (lora_unet_...).")
     exclude: list[str] = setting(list, StrList(), "Layers to skip: glob or re: patterns over kohya module names; applied after include.")
-    conv_rank: int | None = setting(None, Int(min=1), "Rank of convolution adapters (preset \"full\").", default_doc="rank")
+    conv_rank: int | None = setting(None, Int(min=1, max=MAX_RANK), "Rank of convolution adapters (preset \"full\").", default_doc="rank")
     conv_alpha: float | None = setting(None, Float(min=0, min_open=True), "Alpha of convolution adapters.",
                                        default_doc="conv_rank * alpha / rank")
     train_unet: bool = setting(True, Bool(), "Train adapters on the UNet.")
@@ -93,7 +95,7 @@ class NetworkConfig:
 class SubsetConfig:
     path: str = setting(None, Path("input_dir"), "Folder of images with caption files.", required=True,
                         example='path = "datasets/my_character"')
-    repeats: int | None = setting(None, Int(min=1), "How many times each image is seen per epoch.",
+    repeats: int | None = setting(None, Int(min=1, max=MAX_REPEATS), "How many times each image is seen per epoch.",
                                   default_doc="N from a kohya \"N_name\" folder, else 1")
     is_reg: bool = setting(False, Bool(), "Regularisation (class) images instead of training images.")
     caption_extension: str | None = setting(None, Str(nonempty=True), "Caption file extension for this subset.",
@@ -114,9 +116,9 @@ class DataConfig:
     resolution: str | list[int] = setting("auto", Resolution(), "Training resolution: bucket area target.",
                                           default_doc="\"auto\": 1024 for SDXL, 768 for SD2, 512 for SD1.5")
     caption_extension: str = setting(".txt", Str(nonempty=True), "Caption file extension, with the dot.")
-    min_bucket_side: int = setting(256, Int(min=64, multiple_of=64), "Smallest bucket side in pixels.")
-    max_bucket_side: int = setting(2048, Int(min=64, multiple_of=64), "Largest bucket side in pixels.")
-    bucket_step: int = setting(64, Int(min=64, multiple_of=64), "Bucket sides are multiples of this many pixels.")
+    min_bucket_side: int = setting(256, Int(min=64, max=MAX_SIDE, multiple_of=64), "Smallest bucket side in pixels.")
+    max_bucket_side: int = setting(2048, Int(min=64, max=MAX_SIDE, multiple_of=64), "Largest bucket side in pixels.")
+    bucket_step: int = setting(64, Int(min=64, max=MAX_SIDE, multiple_of=64), "Bucket sides are multiples of this many pixels.")
     no_upscale: bool = setting(False, Bool(), "Never upscale small images; they get a bucket of their own size instead.")
     cache_latents: bool = setting(True, Bool(), "Encode images with the VAE once and cache the latents.")
     cache_dir: str | None = setting(None, Path("output_dir"), "Folder for cached latents and text-encoder outputs.",
@@ -160,7 +162,7 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, Float(min=0), "Gradient clipping norm (0 = off).")
     mixed_precision: str = setting("bf16", Choice(("no", "fp16", "bf16")), "Autocast precision; bf16 needs an Ampere or newer GPU.")
     gradient_checkpointing: bool = setting(False, Bool(), "Recompute activations in backward to save memory.")
-    seed: int = setting(42, Int(min=0), "Random seed for noise, timesteps, shuffling, augmentation and the adapters' initial weights.")
+    seed: int = setting(42, Int(min=0, max=MAX_SEED), "Random seed for noise, timesteps, shuffling, augmentation and the adapters' initial weights.")
     loss: str = setting("l2", Choice(LOSS_KINDS), "Loss between prediction and target.")
     huber_c: float = setting(0.1, Float(min=0, min_open=True), "Huber loss threshold.")
     min_snr_gamma: float = setting(0.0, Float(min=0), "Min-SNR loss weighting gamma (5 is common; 0 = off).")
@@ -190,14 +192,16 @@ class SampleConfig:
     prompts: list[str] = setting(list, StrList(), "kohya prompt lines: text with --n negative, --w width, --h height, "
                                  "--d seed, --l CFG scale, --s steps.")
     sampler: str = setting("euler_a", Choice(tuple(SAMPLERS)), "Sampler for sample images.")
-    steps: int = setting(20, Int(min=1), "Sampling steps (a prompt's --s wins).")
-    cfg_scale: float = setting(7.0, Float(min=0), "Classifier-free guidance scale (a prompt's --l wins).")
-    seed: int | None = setting(None, Int(min=0), "Seed of sample images (a prompt's --d wins).", default_doc="train.seed")
+    steps: int = setting(20, Int(min=1, max=MAX_SAMPLE_STEPS), "Sampling steps (a prompt's --s wins).")
+    cfg_scale: float = setting(7.0, Float(min=0, max=MAX_CFG_SCALE), "Classifier-free guidance scale (a prompt's --l wins).")
+    seed: int | None = setting(None, Int(min=0, max=MAX_SEED), "Seed of sample images (a prompt's --d wins).", default_doc="train.seed")
 
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = setting(True, Bool(), "Write TensorBoard event files.")
+    tensorboard: bool | str = setting("auto", BoolOrAuto(), "Write TensorBoard event files (loss, learning rate, "
+                                      "grad norm); \"auto\": when the tensorboard package is installed "
+                                      "(pip install tensorboard), else off with a note.")
     log_dir: str | None = setting(None, Path("output_dir"), "Folder for logs.", default_doc="{train.output_dir}/logs")
     log_every_n_steps: int = setting(10, Int(min=1), "Log loss and learning rate every N steps.")
 
