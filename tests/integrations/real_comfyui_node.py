@@ -10,6 +10,10 @@ and LoRA patching are ComfyUI's. Per architecture, export target and strength, t
 patched (`patch_model`), every adapted weight is compared with sdtrain's exact DoRA weight, the low-VRAM path
 (`LowVramPatch` weight functions) is evaluated the same way, and `unpatch_model` must restore every weight bit for
 bit. ComfyUI's stock LoraLoader path (`comfy.sd.load_lora_for_models`) is measured beside it.
+
+Then "Train DoRA (sdtrain)" runs `sdtrain train` on the tiny SD1.5 model with ComfyUI's own progress bar, model
+folders and interrupt flag: interrupted at step 2 through `comfy.model_management.interrupt_current_processing`,
+then resumed to the end, returning the adapter path and the MODEL/CLIP with the adapter applied.
 """
 
 from __future__ import annotations
@@ -177,6 +181,52 @@ def patched_weights(model, clip, keys: dict[str, str], lowvram: bool) -> dict[st
     return out
 
 
+def train_node(results: dict, folder: Path, model, clip) -> None:
+    import shutil
+
+    import comfy.model_management as mm
+    import comfy.utils
+    import folder_paths
+
+    from sdtrain_comfyui.nodes import NODE_CLASS_MAPPINGS
+
+    images = folder / "images"
+    images.mkdir()
+    for name in ("blue_circle", "black_square"):
+        for suffix in (".png", ".txt"):
+            shutil.copy(ROOT / "datasets" / "demo" / "2_shapes" / f"{name}{suffix}", images)
+    folder_paths.add_model_folder_path("loras", str(folder / "loras"), is_default=True)
+    seen, stop_at = [], [2]
+
+    def hook(value, total, preview, node_id=None, **kwargs):
+        seen.append((value, total))
+        if stop_at and value >= stop_at[0]:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    fast = ("data.resolution=64\ndata.min_bucket_side=64\ndata.max_bucket_side=64\ndata.num_workers=0\n"
+            'train.mixed_precision="no"\nsample.every_n_steps=0\nlog.tensorboard=false\nsave.targets=[]\n'
+            'optimizer.type="AdamW"\nnetwork.preset="attn"\nnetwork.train_text_encoder=true')
+    fields = dict(base="builtin:tiny-sd15", images=str(images), output_name="shapes", rank=4, steps=5, resume=True,
+                  extra_settings=fast, sdtrain_command=f"{sys.executable} -m sdtrain")
+    node = NODE_CLASS_MAPPINGS["SdtrainTrainDoRA"]()
+    try:
+        node.train(**fields)
+        results["train_interrupted"] = False
+    except mm.InterruptProcessingException:
+        results["train_interrupted"] = True
+    results["train_stopped_at"] = seen[-1] if seen else None
+    mm.interrupt_current_processing(False)
+    stop_at.clear()
+    seen.clear()
+    new_model, new_clip, path = node.train(model=model, clip=clip, strength=1.0, **fields)
+    results["train_resumed_from"] = seen[0] if seen else None
+    results["train_last_progress"] = seen[-1] if seen else None
+    results["train_adapter"] = path
+    results["train_adapter_exists"] = Path(path).is_file()
+    results["train_patches"] = [len(new_model.patches), len(new_clip.patcher.patches)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkout", type=Path)
@@ -223,6 +273,8 @@ def main(argv=None) -> int:
                     row["unpatched_bitwise"] = not changed
                     row["changed"] = changed[:3]
                     results[f"{arch}/{axis}/{target}/k={strength:g}"] = row
+        train_node(results, Path(folder), *comfy.sd.load_checkpoint_guess_config(
+            str(built["sd15"][0]), output_vae=False, embedding_directory=None)[:2])
     args.out.write_text(json.dumps(results, indent=1))
     return 0
 
