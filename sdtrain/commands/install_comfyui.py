@@ -16,10 +16,9 @@ FOLDER_NAME = "sdtrain"
 
 
 def add_arguments(parser):
-    parser.add_argument("comfyui_dir", metavar="COMFYUI_DIR", help="the ComfyUI folder (the one holding main.py)")
-    parser.add_argument("--copy", action="store_true", help="copy the nodes instead of linking them")
-    parser.add_argument("--force", action="store_true",
-                        help=f"replace a custom_nodes/{FOLDER_NAME} folder that is not sdtrain's")
+    from sdtrain.commands.ui_install import add_install_arguments
+
+    add_install_arguments(parser, "COMFYUI_DIR", "ComfyUI", "main.py", "custom_nodes")
 
 
 def record_command(node_folder: Path) -> str:

@@ -15,10 +15,9 @@ FOLDER_NAME = "sdtrain"
 
 
 def add_arguments(parser):
-    parser.add_argument("webui_dir", metavar="WEBUI_DIR", help="the A1111 or Forge folder (the one holding webui.py)")
-    parser.add_argument("--copy", action="store_true", help="copy the extension instead of linking it")
-    parser.add_argument("--force", action="store_true",
-                        help=f"replace an extensions/{FOLDER_NAME} folder that is not sdtrain's")
+    from sdtrain.commands.ui_install import add_install_arguments
+
+    add_install_arguments(parser, "WEBUI_DIR", "A1111 or Forge", "webui.py", "extensions")
 
 
 def flavour(root: Path) -> str:

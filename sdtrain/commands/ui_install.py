@@ -81,6 +81,13 @@ def install_folder(source: Path, destination: Path, *, copy: bool, force: bool) 
     return done + [f"copied {source} to {destination}"]
 
 
+def add_install_arguments(parser, ui_dir: str, ui: str, holds: str, subfolder: str) -> None:
+    """The arguments install-comfyui and install-webui share."""
+    parser.add_argument(ui_dir.lower(), metavar=ui_dir, help=f"the {ui} folder (the one holding {holds})")
+    parser.add_argument("--copy", action="store_true", help="copy the integration instead of linking it")
+    parser.add_argument("--force", action="store_true", help=f"replace a {subfolder}/sdtrain folder that is not sdtrain's")
+
+
 def ui_folder(path: str, subfolder: str, signs: tuple[str, ...], ui: str) -> Path:
     """The UI's `subfolder` (custom_nodes, extensions); ConfigError when `path` does not look like that UI."""
     root = Path(path).expanduser().resolve()

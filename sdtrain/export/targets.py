@@ -132,36 +132,39 @@ def _channel_norm(weight, axis: str):
     return weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
 
 
-def _w0_norm_factor(w0, delta):
-    """(‖W0‖ + ε)/‖W0 + ΔW‖ per output channel, float64."""
+def _stored_per_magnitude(rule: str, w0, delta, axis: str):
+    """dora_scale / m per channel (float64) under `rule`, or None where dora_scale is m itself.
+
+    For "comfyui-w0-norm" on the output axis: (‖W0‖ + ε)/‖W0 + ΔW‖.
+    """
     import torch
 
+    if rule == MAGNITUDE or axis == "input":
+        return None
+    if rule != COMFYUI_W0_NORM:
+        raise ValueError(f"unknown dora_scale rule {rule!r}; expected one of {RULES}")
     w0 = w0.detach().to(torch.float64)
     merged = w0 + delta.detach().to(device=w0.device, dtype=torch.float64)
     return (_channel_norm(w0, "output") + FP32_EPS) / _channel_norm(merged, "output")
 
 
 def encode_magnitude(rule: str, magnitude, w0, delta, axis: str):
-    """The 1-D fp32 dora_scale values that make a loader following `rule` rebuild the trained magnitude."""
+    """The 1-D fp32 dora_scale values that make a loader following `rule` rebuild the trained magnitude m."""
     import torch
 
+    factor = _stored_per_magnitude(rule, w0, delta, axis)
     magnitude = magnitude.detach().flatten()
-    if rule == MAGNITUDE or axis == "input":
+    if factor is None:
         return magnitude.to(torch.float32).clone()
-    if rule != COMFYUI_W0_NORM:
-        raise ValueError(f"unknown dora_scale rule {rule!r}; expected one of {RULES}")
-    factor = _w0_norm_factor(w0, delta).to(magnitude.device)
-    return (magnitude.to(torch.float64) * factor).to(torch.float32)
+    return (magnitude.to(torch.float64) * factor.to(magnitude.device)).to(torch.float32)
 
 
 def decode_magnitude(rule: str, stored, w0, delta, axis: str):
-    """The trained magnitude m (1-D fp32) from a file's dora_scale values (tensors; W0 and ΔW in the weight's shape)."""
+    """The trained magnitude m (1-D fp32) from a file's dora_scale values (W0 and ΔW in the weight's shape)."""
     import torch
 
+    factor = _stored_per_magnitude(rule, w0, delta, axis)
     stored = stored.detach().flatten()
-    if rule == MAGNITUDE or axis == "input":
+    if factor is None:
         return stored.to(torch.float32).clone()
-    if rule != COMFYUI_W0_NORM:
-        raise ValueError(f"unknown dora_scale rule {rule!r}; expected one of {RULES}")
-    factor = _w0_norm_factor(w0, delta).to(stored.device)
-    return (stored.to(torch.float64) / factor).to(torch.float32)
+    return (stored.to(torch.float64) / factor.to(stored.device)).to(torch.float32)

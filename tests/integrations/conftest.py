@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -9,21 +10,14 @@ from pathlib import Path
 import pytest
 
 INTEGRATIONS = Path(__file__).resolve().parents[2] / "integrations"
-
-
-def load_comfyui_package(name: str = "sdtrain_comfyui_under_test"):
-    """integrations/comfyui as ComfyUI loads a custom node folder: a package from its __init__.py."""
-    folder = INTEGRATIONS / "comfyui"
-    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[name] = package
-    spec.loader.exec_module(package)
-    return package
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")
 def comfyui_package():
-    package = load_comfyui_package()
+    from real_loaders import load_node_package
+
+    package = load_node_package("sdtrain_comfyui_under_test")
     importlib.import_module(f"{package.__name__}.exact_dora")
     importlib.import_module(f"{package.__name__}.comfy_patches")
     importlib.import_module(f"{package.__name__}.training")

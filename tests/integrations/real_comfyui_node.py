@@ -19,7 +19,6 @@ then resumed to the end, returning the adapter path and the MODEL/CLIP with the 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -31,25 +30,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CASES = [("output", "comfyui"), ("output", "lycoris"), ("input", "portable")]
-STRENGTHS = (1.0, 0.5)
-
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / b.abs().max()).item()
+from real_loaders import CASES, STRENGTHS, load_node_package, rel  # noqa: E402
 
 
 def build(arch: str, folder: Path):
     """Tiny checkpoint path, adapter files per case and sdtrain's exact weights per (case, strength, module)."""
     from safetensors.torch import save_file
 
-    from helpers_adapters import CONVS, encoders, randomize
-    from sdtrain.adapters.inject import NetworkSpec, inject_adapters
-    from sdtrain.export.adapter_file import load_adapter, save_adapter
-    from sdtrain.export.metadata import build_metadata
-    from sdtrain.export.verify import file_modules_on_layers
+    from helpers_adapters import encoders
+    from real_loaders import adapters_for
     from sdtrain.models.ldm_layout import pipeline_to_single_file_state_dict
     from sdtrain.models.tiny import build_tiny_pipeline
 
@@ -59,15 +50,7 @@ def build(arch: str, folder: Path):
     text_configs = [te.config.to_dict() for te in encoders(pipe)]
     files, exact = {}, {}
     for axis, target in CASES:
-        fresh = build_tiny_pipeline(arch, seed=0)
-        spec = NetworkSpec(rank=4, alpha=3.0, decompose_axis=axis, preset="attn-mlp", include=[CONVS],
-                           train_text_encoder=True)
-        adapters = inject_adapters(fresh.unet, encoders(fresh), arch, spec)
-        torch.manual_seed(11)
-        randomize(adapters.modules.values(), up_std=0.03, magnitude_spread=0.05)
-        path = save_adapter(adapters, folder / f"{arch}-{axis}-{target}.safetensors", dtype="fp16", target=target,
-                            metadata=build_metadata(arch, spec, output_name=f"{arch}-{axis}-{target}"))
-        modules = file_modules_on_layers(load_adapter(path), {n: m.base for n, m in adapters.modules.items()})
+        path, _, _, modules = adapters_for(arch, axis, target, folder)
         files[(axis, target)] = path
         for strength in STRENGTHS:
             exact[(axis, target, strength)] = {n: m.merged_weight(strength).detach() for n, m in modules.items()}
@@ -86,12 +69,7 @@ def comfy_setup(checkout: Path):
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    folder = ROOT / "integrations" / "comfyui"
-    spec = importlib.util.spec_from_file_location("sdtrain_comfyui", folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["sdtrain_comfyui"] = package
-    spec.loader.exec_module(package)
+    load_node_package()
 
 
 def tiny_model_config(arch: str, checkpoint: Path, text_configs: list[dict]):

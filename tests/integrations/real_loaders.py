@@ -74,6 +74,18 @@ def module_state(adapter_file, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_node_package(name: str = "sdtrain_comfyui"):
+    """integrations/comfyui as ComfyUI loads a custom node folder: a package from its __init__.py."""
+    import importlib.util
+
+    folder = ROOT / "integrations" / "comfyui"
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    return package
+
+
 # ---------------------------------------------------------------- the UIs' own code
 
 
@@ -99,14 +111,7 @@ def comfyui_loader(checkout: Path, integration: bool):
     import comfy.lora
 
     if integration:
-        import importlib.util
-
-        folder = ROOT / "integrations" / "comfyui"
-        spec = importlib.util.spec_from_file_location("sdtrain_comfyui", folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["sdtrain_comfyui"] = package
-        spec.loader.exec_module(package)
+        load_node_package()
         from sdtrain_comfyui import comfy_patches
 
     def merge(adapter_file, name, w0, strength):
