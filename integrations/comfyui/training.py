@@ -63,9 +63,9 @@ def config_text(base: str, images: str, rank: int, steps: int, output_dir: str, 
 
 
 def has_state(output_dir: str | os.PathLike) -> bool:
-    """Whether the output folder holds a finished training state to resume from."""
+    """Whether the output folder holds a complete training state to resume from (`states/step-N/COMPLETE`)."""
     states = Path(output_dir) / "states"
-    return states.is_dir() and any(p.is_dir() and p.name.startswith("step-") for p in states.iterdir())
+    return states.is_dir() and any((p / "COMPLETE").is_file() for p in states.glob("step-*"))
 
 
 @dataclass

@@ -146,7 +146,7 @@ def test_training_node_streams_progress_stops_and_resumes(comfyui_package, comfy
             shutil.copy(REPO / "datasets" / "demo" / "2_shapes" / f"{name}{suffix}", images)
     node = comfyui_package.NODE_CLASS_MAPPINGS["SdtrainTrainDoRA"]()
     command = f"{sys.executable} -m sdtrain"
-    fields = dict(base="builtin:tiny-sd15", images=str(images), output_name="shapes", rank=4, steps=6,
+    fields = dict(base="builtin:tiny-sd15", images=str(images), output_name="shapes", rank=4, steps=4,
                   extra_settings=FAST, sdtrain_command=command)
 
     comfy_stand_ins.stop_at = 2  # ComfyUI's stop button, pressed at step 2
@@ -155,16 +155,16 @@ def test_training_node_streams_progress_stops_and_resumes(comfyui_package, comfy
     output_dir = comfy_stand_ins.loras / "sdtrain" / "shapes"
     assert comfyui_package.training.has_state(output_dir)  # sdtrain saved a state on SIGINT
     stopped_at = comfy_stand_ins.progress[-1][0]
-    assert 2 <= stopped_at < 6 and comfy_stand_ins.unloaded == 1
+    assert 2 <= stopped_at < 4 and comfy_stand_ins.unloaded == 1
 
     comfy_stand_ins.stop_at, comfy_stand_ins.progress = None, []
     comfy_stand_ins.interrupt.clear()
     model, clip, path = node.train(resume=True, **fields)
     assert (model, clip) == (None, None)
     assert Path(path) == output_dir / "shapes.safetensors" and Path(path).is_file()
-    assert comfy_stand_ins.progress[0][0] >= stopped_at and comfy_stand_ins.progress[-1] == (6, 6)
+    assert comfy_stand_ins.progress[0][0] >= stopped_at and comfy_stand_ins.progress[-1] == (4, 4)
     config = (output_dir / "comfyui_train.toml").read_text()
-    assert 'path = "builtin:tiny-sd15"' in config and "max_steps = 6" in config and "rank = 4" in config
+    assert 'path = "builtin:tiny-sd15"' in config and "max_steps = 4" in config and "rank = 4" in config
 
 
 def test_training_node_reports_sdtrain_errors(comfyui_package, comfy_stand_ins, tmp_path):
