@@ -142,7 +142,12 @@ def exact_patches(lora: dict, metadata: dict, key_map: dict, roots) -> tuple[dic
         if mid is not None or not isinstance(key, str):
             counts["comfyui"] += 1  # LoCon mid weights / offset patches: ComfyUI's own path
             continue
-        axis = exact_dora.dora_axis(dora_scale.shape, shape, hint)
+        try:
+            axis = exact_dora.dora_axis(dora_scale.shape, shape, hint)
+        except ValueError as err:
+            logging.warning(f"sdtrain: {key}: {err}; left to ComfyUI's own LoRA code")
+            counts["comfyui"] += 1
+            continue
         if comfyui_is_exact(dora_scale.shape, shape, axis, rule, comfy_rule):
             counts["comfyui"] += 1
             continue
