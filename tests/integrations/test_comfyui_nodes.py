@@ -134,7 +134,7 @@ def test_sdtrain_command_resolution(comfyui_package, monkeypatch, tmp_path):
 FAST = "\n".join([
     "data.resolution=64", "data.min_bucket_side=64", "data.max_bucket_side=64", "data.num_workers=0",
     'train.mixed_precision="no"', "sample.every_n_steps=0", "log.tensorboard=false", "save.targets=[]",
-    'optimizer.type="AdamW"', 'network.preset="attn"',
+    'optimizer.type="AdamW"', 'network.preset="attn"', 'save.target="lycoris"',
 ])
 
 
@@ -163,6 +163,10 @@ def test_training_node_streams_progress_stops_and_resumes(comfyui_package, comfy
     assert (model, clip) == (None, None)
     assert Path(path) == output_dir / "shapes.safetensors" and Path(path).is_file()
     assert comfy_stand_ins.progress[0][0] >= stopped_at and comfy_stand_ins.progress[-1] == (4, 4)
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:  # the run wrote the file for save.target (set through extra_settings)
+        assert handle.metadata()["sdtrain_target"] == "lycoris"
     config = (output_dir / "comfyui_train.toml").read_text()
     assert 'path = "builtin:tiny-sd15"' in config and "max_steps = 4" in config and "rank = 4" in config
 
