@@ -33,7 +33,8 @@ DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
 OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Adafactor", "Prodigy", "SGD")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 SAMPLERS = ("euler_a", "ddim", "euler", "dpmpp_2m")
-VERIFY_TARGETS = ("comfyui", "a1111", "lycoris")
+EXPORT_TARGETS = ("comfyui", "forge", "lycoris", "a1111", "portable")  # sdtrain.export.targets.TARGETS
+CONSUMERS = ("comfyui", "forge", "comfyui-fixed", "a1111", "a1111-1.9", "lycoris", "diffusers")  # verify.LOADERS
 
 
 def setting(default=None, kind: Kind | None = None, help: str = "", *, required: bool = False,
@@ -178,8 +179,14 @@ class SaveConfig:
     dtype: str = setting("fp16", Choice(("fp16", "bf16", "fp32")), "Precision of saved adapter weights.")
     state_every_n_steps: int = setting(0, Int(min=0), "Save a resumable training state every N steps (0 = off).")
     keep_last_states: int = setting(1, Int(min=0), "Keep only the newest N training states (0 = keep all).")
-    verify_targets: list[str] = setting(lambda: list(VERIFY_TARGETS), StrList(VERIFY_TARGETS),
-                                        "Loaders whose key layout the saved file is checked against ([] = skip).")
+    target: str = setting("comfyui", Choice(EXPORT_TARGETS),
+                          "Which UI the DoRA magnitudes are written for: \"comfyui\" / \"forge\" (their loaders as they "
+                          "are), \"lycoris\" (LyCORIS, SD.Next; output axis), \"a1111\" or \"portable\" (ComfyUI, Forge "
+                          "and A1111; input axis). Recorded in the file; see README \"Load in your UI\".")
+    targets: list[str] | None = setting(None, StrList(CONSUMERS),
+                                        "UIs the final file must load exactly in; checked (and the verdict printed) at "
+                                        "the end of the run ([] = skip the check).",
+                                        default_doc="the UIs save.target is written for")
 
 
 @dataclass
