@@ -14,7 +14,8 @@ import sys
 from sdtrain import __version__
 from sdtrain.errors import UserError
 
-COMMAND_MODULES = ["train", "verify", "inspect", "merge", "analyze", "doctor"]
+COMMAND_MODULES = ["train", "verify", "export", "inspect", "merge", "analyze", "install_comfyui", "install_webui",
+                   "doctor"]
 
 
 def _load_commands():

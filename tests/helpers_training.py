@@ -60,7 +60,7 @@ output_name = "run"
 dtype = "fp32"
 state_every_n_steps = 5
 keep_last_states = 2
-verify_targets = []
+targets = []
 [log]
 tensorboard = false
 {extra}

@@ -40,7 +40,7 @@ train.max_steps train.epochs train.batch_size train.gradient_accumulation_steps 
 train.mixed_precision train.gradient_checkpointing train.seed train.loss train.huber_c train.min_snr_gamma
 train.noise_offset train.min_timestep train.max_timestep train.output_dir train.output_name
 save.every_n_steps save.every_n_epochs save.keep_last save.dtype save.state_every_n_steps save.keep_last_states
-save.verify_targets
+save.target save.targets
 sample.every_n_steps sample.prompts sample.sampler sample.steps sample.cfg_scale sample.seed
 log.tensorboard log.log_dir log.log_every_n_steps
 """.split()
@@ -214,7 +214,8 @@ def test_unknown_key_from_an_override_points_at_the_override(project):
         ("optimizer.betas=[0.9]", ["'optimizer.betas'", "a list of two numbers"]),
         ('optimizer.type="adamw8bit"', ["'optimizer.type'", '"AdamW", "AdamW8bit"', 'did you mean "AdamW8bit"?']),
         ('network.preset="attention"', ["'network.preset'", '"attn", "attn-mlp", "full"']),
-        ('save.verify_targets=["comfy"]', ["'save.verify_targets'", '"comfyui", "a1111", "lycoris"']),
+        ('save.targets=["comfy"]', ["'save.targets'", '"comfyui", "forge", "comfyui-fixed"']),
+        ('save.target="sdnext"', ["'save.target'", '"comfyui", "forge", "lycoris", "a1111", "portable"']),
         ('model="x"', ["'model'", "must be a table ([model])"]),
     ],
 )
@@ -394,7 +395,7 @@ def test_default_config_dataclass_matches_documented_defaults():
     cfg = Config()
     assert (cfg.network.type, cfg.network.rank, cfg.network.preset, cfg.network.decompose_axis) == \
         ("dora", 16, "attn-mlp", "output")
-    assert cfg.save.verify_targets == ["comfyui", "a1111", "lycoris"]
+    assert (cfg.save.target, cfg.save.targets) == ("comfyui", None)
     assert cfg.data.caption_extension == ".txt" and cfg.data.subsets == []
 
 

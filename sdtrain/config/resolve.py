@@ -72,6 +72,7 @@ class Resolver:
         self.optimizer()
         self.scheduler_and_train()
         self.outputs()
+        self.save()
         self.sample()
         self.log()
 
@@ -225,6 +226,28 @@ class Resolver:
             self.fail("train.output_name", f'"{t.output_name}" is not a plain file name; it accepts letters, digits '
                                            "and . _ + - (no folders or spaces)")
         d.cache_dir = self._output_dir("data.cache_dir", d.cache_dir or os.path.join(t.output_dir, "cache"))
+
+    def save(self):
+        """save.target must be able to hold the trained DoRA axis; every UI in save.targets must apply it exactly."""
+        from sdtrain.export import targets
+
+        s, n = self.c.save, self.c.network
+        axis = n.decompose_axis if n.type == "dora" else None
+        target = targets.TARGETS[s.target]
+        problem = targets.axis_problem(target, axis)
+        if problem:
+            self.fail("save.target", problem)
+            return
+        for consumer in s.targets or []:
+            if targets.expected_exact(consumer, axis, target.rule):
+                continue
+            better = targets.targets_exact_in(consumer, axis)
+            other = "input" if axis == "output" else "output"
+            fix = (f'set save.target = "{better[0]}"' if better else
+                   f'no file of this axis is: train with network.decompose_axis = "{other}", load it through '
+                   f"sdtrain's ComfyUI nodes / A1111-Forge extension, or drop it from save.targets")
+            self.fail("save.targets", f'{consumer} does not apply {axis}-axis DoRA written for save.target = '
+                                      f'"{s.target}" exactly; {fix}')
 
     def sample(self):
         s = self.c.sample

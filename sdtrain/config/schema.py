@@ -30,6 +30,7 @@ from sdtrain.config.kinds import (
     StrList,
     Table,
 )
+from sdtrain.export.targets import TARGETS as EXPORT_TARGET_TABLE
 from sdtrain.limits import MAX_CFG_SCALE, MAX_RANK, MAX_REPEATS, MAX_SAMPLE_STEPS, MAX_SEED, MAX_SIDE
 from sdtrain.train.loss import LOSS_KINDS
 from sdtrain.train.optim import OPTIMIZER_TYPES, SCHEDULER_TYPES
@@ -38,7 +39,8 @@ from sdtrain.train.sampling import SAMPLERS
 ARCHS = ("auto", "sd15", "sd2", "sdxl")
 BUILTIN_MODELS = {"builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl"}
 DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
-VERIFY_TARGETS = ("comfyui", "a1111", "lycoris")
+EXPORT_TARGETS = tuple(EXPORT_TARGET_TABLE)
+CONSUMERS = ("comfyui", "forge", "comfyui-fixed", "a1111", "a1111-1.9", "lycoris", "diffusers")  # verify.LOADERS (imports torch)
 
 
 def setting(default=None, kind: Kind | None = None, help: str = "", *, required: bool = False,
@@ -182,8 +184,14 @@ class SaveConfig:
     dtype: str = setting("fp16", Choice(("fp16", "bf16", "fp32")), "Precision of saved adapter weights.")
     state_every_n_steps: int = setting(0, Int(min=0), "Also save a resumable training state every N steps (0 = only at the end and when stopped).")
     keep_last_states: int = setting(1, Int(min=0), "Keep only the newest N training states (0 = keep all).")
-    verify_targets: list[str] = setting(lambda: list(VERIFY_TARGETS), StrList(VERIFY_TARGETS),
-                                        "Loaders whose key layout the saved file is checked against ([] = skip).")
+    target: str = setting("comfyui", Choice(EXPORT_TARGETS),
+                          "Which UI the DoRA magnitudes are written for: \"comfyui\" / \"forge\" (their loaders as they "
+                          "are), \"lycoris\" (LyCORIS, SD.Next; output axis), \"a1111\" or \"portable\" (ComfyUI, Forge "
+                          "and A1111; input axis). Recorded in the file; see README \"Load in your UI\".")
+    targets: list[str] | None = setting(None, StrList(CONSUMERS),
+                                        "UIs the final file must load exactly in; checked (and the verdict printed) at "
+                                        "the end of the run ([] = skip the check).",
+                                        default_doc="the UIs save.target is written for")
 
 
 @dataclass

@@ -471,7 +471,8 @@ class Trainer:
         if not self.is_main:
             return None
         path = self.adapter_path(None if final else step)
-        save_adapter(self.adapters, path, dtype=self.cfg.save.dtype, metadata=self.metadata(step))
+        save_adapter(self.adapters, path, dtype=self.cfg.save.dtype, metadata=self.metadata(step),
+                     target=self.cfg.save.target)
         self.last_save = path
         self.result.saved.append(path)
         if not final and self.cfg.save.keep_last:
@@ -518,11 +519,12 @@ class Trainer:
         self.result.samples.extend(paths)
 
     def verify_final(self, path: Path) -> str:
-        if not self.cfg.save.verify_targets or not self.is_main:
+        if self.cfg.save.targets == [] or not self.is_main:
             return ""
         from sdtrain.export.verify import verify_saved_adapter
 
-        report = verify_saved_adapter(path, self.adapters, targets=self.cfg.save.verify_targets)
+        report = verify_saved_adapter(path, self.adapters, targets=self.cfg.save.targets,
+                                      base_label=str(self.cfg.model.path))
         self.result.verify_report = report
         return report.format() if hasattr(report, "format") else str(report)
 

@@ -22,7 +22,7 @@ E2E = ["network.preset=full", "network.alpha=4", "network.train_text_encoder=tru
        "train.max_timestep=700", "sample.every_n_steps=30", "sample.steps=2",
        'sample.prompts=["a red square --w 64 --h 64 --d 3"]', "log.tensorboard=true", "log.log_every_n_steps=5",
        "data.subsets.0.shuffle_tags=false", "data.subsets.0.caption_dropout=0.0", "data.subsets.0.flip=false",
-       'save.verify_targets=["comfyui", "a1111", "lycoris"]', "save.dtype=fp16", "save.state_every_n_steps=0"]
+       'save.targets=["comfyui", "forge"]', "save.dtype=fp16", "save.state_every_n_steps=0"]
 
 
 def e2e_config(tmp_path, arch: str, steps: int = 30) -> str:

@@ -390,7 +390,7 @@ def test_every_config_key_is_read(tmp_path, capsys):
     overrides = no_augmentation(2) + [
         "data.cache_text_encoder_outputs=true", "sample.every_n_steps=1", prompts, "save.every_n_steps=1",
         "save.every_n_epochs=1", "save.keep_last=1", "save.state_every_n_steps=1", "log.tensorboard=true",
-        'save.verify_targets=["comfyui"]']
+        'save.targets=["comfyui"]']
     reads: set[str] = set()
     cfg = load_config(config, overrides)
     record_reads(cfg, reads)
