@@ -208,7 +208,7 @@ class SampleConfig:
 @dataclass
 class LogConfig:
     tensorboard: bool | str = setting("auto", BoolOrAuto(), "Write TensorBoard event files (loss, learning rate, "
-                                      "grad norm); \"auto\": when the tensorboard package is installed "
+                                      "grad norm; the resolved config as hyperparameters); \"auto\": when the tensorboard package is installed "
                                       "(pip install tensorboard), else off with a note.")
     log_dir: str | None = setting(None, Path("output_dir"), "Folder for logs.", default_doc="{train.output_dir}/logs")
     log_every_n_steps: int = setting(10, Int(min=1), "Log loss and learning rate every N steps.")

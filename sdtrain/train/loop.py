@@ -88,6 +88,13 @@ class Trainer:
         if self.is_main and not self.quiet:
             print(text, flush=True)
 
+    def note(self, text: str) -> None:
+        """One note in sdtrain's format (`note: ...` on stderr), once (main process), not with --quiet."""
+        if self.is_main and not self.quiet:
+            from sdtrain.console import note
+
+            note(text)
+
     def resume_command(self) -> str:
         """The command that continues this run from its newest state."""
         if self.continue_command:
@@ -143,11 +150,11 @@ class Trainer:
             self._replan(info["arch"], quiet=True)  # the family the state's run found in the weights
         notes += check_resumable(info, self.cfg, self.plan)
         for note in notes:
-            self.say(f"note: {note}")
+            self.note(note)
         if info["global_step"] >= self.plan.total_steps:
-            self.say(f"nothing to train: the state {folder} is at step {info['global_step']} and training ends at "
-                     f"step {self.plan.total_steps}; raise train.max_steps or train.epochs to train further "
-                     f"(e.g. --set train.max_steps={2 * info['global_step']})")
+            self.note(f"nothing to train: the state {folder} is at step {info['global_step']} and training ends at "
+                      f"step {self.plan.total_steps}; raise train.max_steps or train.epochs to train further "
+                      f"(e.g. --set train.max_steps={2 * info['global_step']})")
         return folder, info
 
     def _setup_base(self):
@@ -164,8 +171,8 @@ class Trainer:
         if arch == self.plan.arch:
             return
         if not quiet:
-            self.say(f"note: {self.cfg.model.path} is {arch}, not {self.plan.arch} as guessed from its name; "
-                     "re-planning (set model.arch to skip the guess)")
+            self.note(f"{self.cfg.model.path} is {arch}, not {self.plan.arch} as guessed from its name; "
+                      "re-planning (set model.arch to skip the guess)")
         self.cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, arch=arch))
         self.plan = make_plan(self.cfg, processes=self.accelerator.num_processes)
 

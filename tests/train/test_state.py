@@ -94,7 +94,7 @@ def test_finished_default_run_resumes_to_more_steps(tmp_path, capsys):
 
     capsys.readouterr()
     assert main(["train", config, "--set", "train.max_steps=4", "--resume", "latest"]) == 0
-    assert "nothing to train" in capsys.readouterr().out
+    assert "note: nothing to train" in capsys.readouterr().err
     longer = run(config, ["train.max_steps=7"], resume="latest")
     assert longer.result.steps == 7 and len(longer.result.losses) == 3
     assert [p.name for p in complete_states(states_root(first.output_dir))[0]] == ["step-00000007"]
@@ -126,8 +126,8 @@ def test_resume_that_cannot_work_exits_2_before_weights_load(tmp_path, monkeypat
     monkeypatch.setattr(loading, "load_base", real_load)
     assert main(["train", config, "--set", "train.max_steps=7", "--set", "optimizer.lr=1e-3",
                  "--resume", "latest"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("note: optimizer.lr changed from 0.002 to 0.001") == 1
+    err = capsys.readouterr().err
+    assert err.count("note: optimizer.lr changed from 0.002 to 0.001") == 1
     assert not [w for w in recwarn if "sdtrain" in str(w.filename)]
     trainer = run(config, ["train.max_steps=8", "optimizer.lr=1e-3"], resume="latest")
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
