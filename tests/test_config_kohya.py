@@ -24,7 +24,7 @@ max_steps = 3
 mixed_precision = "no"
 output_dir = "out"
 [save]
-verify_targets = []
+targets = []
 [log]
 tensorboard = false
 """
