@@ -210,7 +210,8 @@ class Trainer:
         if adapters.report() != self.plan.network_report:  # the model or the file differs from the plan
             self.say(adapters.report())
         for warning in adapters.warnings:
-            self.say(f"warning: {warning}")
+            if warning not in self.plan.warnings:  # the plan's own were printed with it
+                self.say(f"warning: {warning}")
         return adapters
 
     def _adapters_from_file(self, spec):
