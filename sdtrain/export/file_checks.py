@@ -153,15 +153,22 @@ def _dtype_name(tensor: torch.Tensor) -> str:
 # ---------------------------------------------------------------- NaN / inf
 
 
-def non_finite_count(tensor: torch.Tensor) -> tuple[int, int]:
-    """(NaN count, inf count) of a tensor; (0, 0) for non-float tensors."""
-    if not tensor.is_floating_point():
+def non_finite_count(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """(NaN count, inf count) of a float tensor, or of its values cast to `dtype`; (0, 0) for other tensors.
+
+    The common case, a finite tensor, costs one min/max pass (`torch.aminmax` propagates NaN, and a cast is
+    monotonic, so the values overflow `dtype` exactly when an extreme does); only a tensor that fails it is counted.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
         return 0, 0
     if tensor.dtype not in _CHECKED_DTYPES:  # fp8 and other narrow types: check their fp32 values
         tensor = tensor.to(torch.float32)
-    finite = torch.isfinite(tensor)
-    if bool(finite.all()):
+    extremes = torch.stack(torch.aminmax(tensor))
+    if bool(torch.isfinite(extremes if dtype is None else extremes.to(dtype)).all()):
         return 0, 0
+    if dtype is not None:
+        tensor = tensor.to(dtype)
+    finite = torch.isfinite(tensor)
     nan = int(torch.isnan(tensor).sum())
     return nan, int((~finite).sum()) - nan
 
@@ -171,9 +178,7 @@ def non_finite_counts(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | 
     cast to it (float tensors only), as they would be written."""
     counts = {}
     for key, tensor in tensors.items():
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        nan, inf = non_finite_count(tensor)
+        nan, inf = non_finite_count(tensor, dtype)
         if nan or inf:
             counts[key] = (nan, inf)
     return counts

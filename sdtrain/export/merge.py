@@ -40,16 +40,17 @@ def check_strength(strength: float, key: str = "--strength") -> float:
 def check_finite_weights(named: dict[str, torch.Tensor], where, dtype: str | None, fix: str) -> None:
     """Refuse weights about to be written that hold NaN/inf (`NonFiniteAdapter`) or overflow `dtype` once cast to
     it (`SaveDtypeOverflow`), naming them (counted, the first few listed) and the fix."""
-    counts = non_finite_counts(named)
+    cast = non_finite_counts(named, DTYPES[dtype] if dtype else None)  # NaN/inf stay so through the cast
+    if not cast:
+        return
+    counts = non_finite_counts({key: named[key] for key in cast})
     if counts:
         raise NonFiniteAdapter(f"{where}: nothing written: {len(counts)} merged weight(s) hold NaN/inf "
                                f"({totals(counts)}): {describe_counts(counts)}; {fix}", counts, where)
-    cast = non_finite_counts(named, DTYPES[dtype]) if dtype else {}
-    if cast:
-        raise SaveDtypeOverflow(
-            f"{where}: nothing written: {len(cast)} merged weight(s) overflow --dtype {dtype} (|w| above "
-            f"{torch.finfo(DTYPES[dtype]).max:.6g} becomes inf): {describe_counts(cast)}; use --dtype bf16 or fp32, "
-            f"or {fix}", cast, where)
+    raise SaveDtypeOverflow(
+        f"{where}: nothing written: {len(cast)} merged weight(s) overflow --dtype {dtype} (|w| above "
+        f"{torch.finfo(DTYPES[dtype]).max:.6g} becomes inf): {describe_counts(cast)}; use --dtype bf16 or fp32, "
+        f"or {fix}", cast, where)
 
 
 @torch.no_grad()

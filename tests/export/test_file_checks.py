@@ -201,3 +201,24 @@ def test_save_refuses_weights_that_overflow_fp16(tmp_path, target):
     # bf16 holds them: the file is written, finite, and reads back
     saved = load_adapter(save_adapter(adapters, path, dtype="bf16", target=target))
     assert saved.modules[name].down.dtype == torch.bfloat16 and not saved.non_finite
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])
+def test_non_finite_count_equals_counting_every_value(dtype):
+    """The min/max fast path against a plain element count, around fp16's rounding edge (65519 stays finite,
+    65520 rounds to inf) and with NaN and ±inf planted."""
+    from sdtrain.export.file_checks import non_finite_count
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.randn(64, generator=gen), torch.full((3,), 65519.0), torch.full((3,), -65520.0),
+             torch.tensor([1.0, 5e29, -5e29]), torch.tensor([3e38, 1.0]).double() * 10]
+    for _ in range(20):
+        t = torch.randn(50, generator=gen) * 10.0 ** torch.randint(0, 38, (1,), generator=gen).item()
+        for value in (float("nan"), float("inf"), float("-inf")):
+            if torch.rand(1, generator=gen).item() < 0.3:
+                t[torch.randint(0, 50, (1,), generator=gen)] = value
+        cases.append(t)
+    for t in cases:
+        cast = t if dtype is None else t.to(dtype)
+        want = (int(torch.isnan(cast).sum()), int(torch.isinf(cast).sum()))
+        assert non_finite_count(t, dtype) == want, (t, dtype)
