@@ -8,6 +8,7 @@ only ComfyUI's progress bar, interrupt flag and model folders are stand-ins (`co
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -138,7 +139,7 @@ FAST = "\n".join([
 ])
 
 
-def test_training_node_streams_progress_stops_and_resumes(comfyui_package, comfy_stand_ins, tmp_path):
+def test_training_node_streams_progress_stops_and_resumes(comfyui_package, comfy_stand_ins, tmp_path, monkeypatch):
     images = tmp_path / "images"
     images.mkdir()
     for name in ("blue_circle", "black_square"):
@@ -146,8 +147,11 @@ def test_training_node_streams_progress_stops_and_resumes(comfyui_package, comfy
             shutil.copy(REPO / "datasets" / "demo" / "2_shapes" / f"{name}{suffix}", images)
     node = comfyui_package.NODE_CLASS_MAPPINGS["SdtrainTrainDoRA"]()
     command = f"{sys.executable} -m sdtrain"
-    fields = dict(base="builtin:tiny-sd15", images=str(images), output_name="shapes", rank=4, steps=4,
+    steps = 24  # enough steps that a fast machine cannot finish the run between the stop press and the signal
+    fields = dict(base="builtin:tiny-sd15", images=str(images), output_name="shapes", rank=4, steps=steps,
                   extra_settings=FAST, sdtrain_command=command)
+    training = comfyui_package.training
+    monkeypatch.setattr(training, "run_training", functools.partial(training.run_training, poll_seconds=0.01))
 
     comfy_stand_ins.stop_at = 2  # ComfyUI's stop button, pressed at step 2
     with pytest.raises(InterruptedError):
@@ -155,20 +159,20 @@ def test_training_node_streams_progress_stops_and_resumes(comfyui_package, comfy
     output_dir = comfy_stand_ins.loras / "sdtrain" / "shapes"
     assert comfyui_package.training.has_state(output_dir)  # sdtrain saved a state on SIGINT
     stopped_at = comfy_stand_ins.progress[-1][0]
-    assert 2 <= stopped_at < 4 and comfy_stand_ins.unloaded == 1
+    assert 2 <= stopped_at < steps and comfy_stand_ins.unloaded == 1
 
     comfy_stand_ins.stop_at, comfy_stand_ins.progress = None, []
     comfy_stand_ins.interrupt.clear()
     model, clip, path = node.train(resume=True, **fields)
     assert (model, clip) == (None, None)
     assert Path(path) == output_dir / "shapes.safetensors" and Path(path).is_file()
-    assert comfy_stand_ins.progress[0][0] >= stopped_at and comfy_stand_ins.progress[-1] == (4, 4)
+    assert comfy_stand_ins.progress[0][0] >= stopped_at and comfy_stand_ins.progress[-1] == (steps, steps)
     from safetensors import safe_open
 
     with safe_open(path, "pt") as handle:  # the run wrote the file for save.target (set through extra_settings)
         assert handle.metadata()["sdtrain_target"] == "lycoris"
     config = (output_dir / "comfyui_train.toml").read_text()
-    assert 'path = "builtin:tiny-sd15"' in config and "max_steps = 4" in config and "rank = 4" in config
+    assert 'path = "builtin:tiny-sd15"' in config and f"max_steps = {steps}" in config and "rank = 4" in config
 
 
 def test_training_node_reports_sdtrain_errors(comfyui_package, comfy_stand_ins, tmp_path):
