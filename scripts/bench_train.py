@@ -8,12 +8,14 @@ its own AdamW; its wrappers are swapped into the models for its step, so one cop
 
 One step = encode the caption (CLIP), noise the latents, UNet forward, MSE loss, backward, gradient clipping at
 1.0, optimizer step, zero_grad: the pieces `sdtrain/train/loop.py` runs, without data loading. The variants run
-interleaved (one step each per round, the order rotating every round), so drift of the machine hits them alike.
+interleaved (one step each per round, the order rotating every round), so drift of the machine hits them alike;
+besides the ratio of the medians, the table gives the median (and range) of the ratios within each round.
 
 Time: `--clock process` (CPU time of the process; use it with `--threads 1` on a shared CPU) or wall; on CUDA wall
 time between synchronizations. Memory: on CPU the peak resident set size (RSS, sampled every millisecond in a
 separate untimed step per variant after `malloc_trim`), reported as the peak and as the rise above the level
-before the step; on CUDA `torch.cuda.max_memory_allocated` of every timed step.
+before the step; on CUDA `torch.cuda.max_memory_allocated` of every timed step. "optimizer" is the CPU time of
+gradient clipping, the optimizer step and zero_grad inside the step (on CUDA: the host time to queue them).
 
     nice python3 scripts/bench_train.py --arch sd15 --resolution 256 512 --threads 1 --clock process
     python3 scripts/bench_train.py --device cuda --arch sdxl --resolution 1024 --dtype bf16 \
@@ -121,7 +123,7 @@ class Variant:
 
         self.name, self.layers, self.params = name, layers, params
         self.optimizer = build_optimizer([{"params": params, "lr": 1e-4, "name": "all"}], args.optimizer, 1e-4)
-        self.times, self.memory = [], []
+        self.times, self.memory, self.optimizer_times = [], [], []
 
     def swap_in(self):
         for parent, attr, module, _ in self.layers:
@@ -202,6 +204,7 @@ class Step:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
         self.amp = (lambda: torch.autocast(args.device, dtype=dtype)) if dtype else contextlib.nullcontext
         self.weight_dtype = dtype or torch.float32
+        self.optimizer_seconds = 0.0
 
     def __call__(self, variant, batch):
         from sdtrain.train.conditioning import encode_prompts, unet_added_cond_kwargs
@@ -216,9 +219,11 @@ class Step:
             pred = self.unet(noisy, timesteps, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
+        start = time.process_time()
         torch.nn.utils.clip_grad_norm_(variant.params, 1.0)
         variant.optimizer.step()
         variant.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_seconds = time.process_time() - start
 
 
 # ---------------------------------------------------------------- measuring
@@ -278,7 +283,7 @@ def run_resolution(family, unet, encoders, tokenizers, variants, resolution, arg
     rounds = args.warmup + args.steps
     batches = make_batches(family, resolution, args, rounds + args.memory_steps)
     for v in variants:
-        v.times, v.memory = [], []
+        v.times, v.memory, v.optimizer_times = [], [], []
     for r in range(rounds):
         order = variants[r % len(variants):] + variants[:r % len(variants)]
         for v in order:
@@ -289,6 +294,7 @@ def run_resolution(family, unet, encoders, tokenizers, variants, resolution, arg
                 v.swap_out()
             if r >= args.warmup:
                 v.times.append(seconds)
+                v.optimizer_times.append(step.optimizer_seconds)
                 if memory:
                     v.memory.append(memory)
             print(f"  {resolution} px round {r}{' (warm-up)' if r < args.warmup else ''} {v.name:9s} "
@@ -301,13 +307,15 @@ def run_resolution(family, unet, encoders, tokenizers, variants, resolution, arg
                     v.memory.append(rss_peak(lambda: step(v, batches[rounds + m])))
                 finally:
                     v.swap_out()
-    return {v.name: {"times": list(v.times), "memory": list(v.memory)} for v in variants}
+    return {v.name: {"times": list(v.times), "memory": list(v.memory), "optimizer": list(v.optimizer_times)}
+            for v in variants}
 
 
 def table(results, names) -> str:
     gib = 2 ** 30
-    lines = ["| variant | median (s) | min (s) | max (s) | time / LoRA | peak memory (GiB) | rise in the step (GiB) "
-             "| peak / LoRA | rise / LoRA |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | median (s) | min (s) | max (s) | time / LoRA | per-round ratio: median (min–max) "
+             "| optimizer (ms) | peak memory (GiB) | rise in the step (GiB) | peak / LoRA | rise / LoRA |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def mem(name):
         pairs = results[name]["memory"]
@@ -321,7 +329,10 @@ def table(results, names) -> str:
         times = results[name]["times"]
         med = statistics.median(times)
         peak, rise = mem(name)
+        opt = statistics.median(results[name]["optimizer"]) * 1e3
+        rounds = [t / t_lora for t, t_lora in zip(times, results["lora"]["times"])] if "lora" in results else [0.0]
         lines.append(f"| {name} | {med:.2f} | {min(times):.2f} | {max(times):.2f} | {med / lora_t:.3f} | "
+                     f"{statistics.median(rounds):.3f} ({min(rounds):.3f}–{max(rounds):.3f}) | {opt:.1f} | "
                      f"{peak / gib:.2f} | {rise / gib:.2f} | {peak / lora_peak:.3f} | {rise / lora_rise:.3f} |")
     return "\n".join(lines)
 
