@@ -150,10 +150,16 @@ def peak_memory(module, x, grad, amp, device):
         step(module, x, grad, amp)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    return cpu_tensor_peak(lambda: step(module, x, grad, amp))
+
+
+def cpu_tensor_peak(fn) -> int:
+    """Peak of the tensor memory that PyTorch's CPU allocator holds during fn(), above the level before it: the
+    running sum of the allocation and free events that torch.profiler(profile_memory=True) records."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(module, x, grad, amp)
+        fn()
     sizes = []
 
     def walk(event):

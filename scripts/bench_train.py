@@ -2,9 +2,10 @@
 
 Builds the released architectures from their configs with random weights (no download): SD1.5 = UNet + CLIP-L,
 SDXL = UNet + CLIP-L + CLIP-G (`sdtrain.train.plan.reference_configs`). Every variant wraps the same frozen base
-layers (the layers `network.preset` selects, text encoders too with `--text-encoder train`): sdtrain's through
-`inject_adapters`, PEFT's as `peft.tuners.lora` layers with `use_dora=True` on the same targets. Each variant has
-its own AdamW; its wrappers are swapped into the models for its step, so one copy of the base weights serves all.
+layers, those `network.preset` selects (with `--text-encoder train` the text encoders' too, else they run frozen):
+sdtrain's through `inject_adapters`, PEFT's as `peft.tuners.lora` layers with `use_dora=True` on the same targets.
+Each variant has its own optimizer; its wrappers are swapped into the models for its step, so one copy of the base
+weights serves all.
 
 One step = encode the caption (CLIP), noise the latents, UNet forward, MSE loss, backward, gradient clipping at
 1.0, optimizer step, zero_grad: the pieces `sdtrain/train/loop.py` runs, without data loading. The variants run
@@ -12,9 +13,11 @@ interleaved (one step each per round, the order rotating every round), so drift 
 besides the ratio of the medians, the table gives the median (and range) of the ratios within each round.
 
 Time: `--clock process` (CPU time of the process; use it with `--threads 1` on a shared CPU) or wall; on CUDA wall
-time between synchronizations. Memory: on CPU the peak resident set size (RSS, sampled every millisecond in a
-separate untimed step per variant after `malloc_trim`), reported as the peak and as the rise above the level
-before the step; on CUDA `torch.cuda.max_memory_allocated` of every timed step. "optimizer" is the CPU time of
+time between synchronizations. Memory on CPU: the peak resident set size (RSS, sampled every millisecond in an
+untimed step per variant after `malloc_trim`) and, as the rise in the step, the peak of the tensor memory that
+PyTorch's allocator holds above the level before the step (from torch.profiler's allocation events, in one more
+untimed step: exact and repeatable, where RSS moves by a few hundred MiB with the C allocator's state). On CUDA:
+`torch.cuda.max_memory_allocated` of every timed step, as the peak and as the rise above the step's start. "optimizer" is the CPU time of
 gradient clipping, the optimizer step and zero_grad inside the step (on CUDA: the host time to queue them).
 
     nice python3 scripts/bench_train.py --arch sd15 --resolution 256 512 --threads 1 --clock process
@@ -38,6 +41,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_adapters, beside this script
+
 VARIANTS = ("lora", "dora-out", "dora-in", "peft-dora")
 CAPTION = "a photo of sks person standing in a garden, detailed face, soft light"
 
@@ -50,8 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--preset", default="attn-mlp", choices=["attn", "attn-mlp", "full"])
-    p.add_argument("--text-encoder", default="train", choices=["train", "frozen"],
-                   help="train: adapters in the text encoders too (network.train_text_encoder)")
+    p.add_argument("--text-encoder", default="frozen", choices=["train", "frozen"],
+                   help="train: adapters in the text encoders too (network.train_text_encoder; off by default, as "
+                        "in sdtrain's config)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--optimizer", default="AdamW", help="an optimizer.type of sdtrain (AdamW, AdamW8bit, ...)")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of every variant each)")
@@ -299,41 +305,51 @@ def run_resolution(family, unet, encoders, tokenizers, variants, resolution, arg
                     v.memory.append(memory)
             print(f"  {resolution} px round {r}{' (warm-up)' if r < args.warmup else ''} {v.name:9s} "
                   f"{seconds:8.2f} s", file=sys.stderr, flush=True)
+    tensor_peaks = {}
     if args.device == "cpu":
+        from bench_adapters import cpu_tensor_peak
+
         for m in range(args.memory_steps):
             for v in variants:
                 v.swap_in()
                 try:
                     v.memory.append(rss_peak(lambda: step(v, batches[rounds + m])))
+                    if m == 0:  # the allocation events do not depend on the machine: one step is enough
+                        tensor_peaks[v.name] = cpu_tensor_peak(lambda: step(v, batches[rounds]))
                 finally:
                     v.swap_out()
-    return {v.name: {"times": list(v.times), "memory": list(v.memory), "optimizer": list(v.optimizer_times)}
-            for v in variants}
+    return {v.name: {"times": list(v.times), "memory": list(v.memory), "optimizer": list(v.optimizer_times),
+                     "tensor_peak": tensor_peaks.get(v.name)} for v in variants}
 
 
 def table(results, names) -> str:
+    """Markdown table: times and their ratios to LoRA, optimizer time, memory and its ratios to LoRA."""
     gib = 2 ** 30
-    lines = ["| variant | median (s) | min (s) | max (s) | time / LoRA | per-round ratio: median (min–max) "
-             "| optimizer (ms) | peak memory (GiB) | rise in the step (GiB) | peak / LoRA | rise / LoRA |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | median (s) | min (s) | max (s) | median / LoRA | per-round ratio: median (range) | min / LoRA "
+             "| optimizer (ms) | peak (GiB) | peak / LoRA | rise in the step (GiB) | rise / LoRA |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def mem(name):
-        pairs = results[name]["memory"]
-        if not pairs:
+    def memory(name):
+        """(peak, rise above the level before the step): RSS or CUDA; on CPU the rise is the tensor peak."""
+        result = results[name]
+        if not result["memory"]:
             return float("nan"), float("nan")
-        return min(p for _, p in pairs), min(p - b for b, p in pairs)
+        peak = min(p for _, p in result["memory"])
+        rise = result["tensor_peak"] if result.get("tensor_peak") else min(p - b for b, p in result["memory"])
+        return peak, rise
 
-    lora_t = statistics.median(results["lora"]["times"]) if "lora" in results else float("nan")
-    lora_peak, lora_rise = mem("lora") if "lora" in results else (float("nan"), float("nan"))
+    lora = results["lora"]["times"]
+    lora_peak, lora_rise = memory("lora")
     for name in names:
         times = results[name]["times"]
         med = statistics.median(times)
-        peak, rise = mem(name)
+        peak, rise = memory(name)
         opt = statistics.median(results[name]["optimizer"]) * 1e3
-        rounds = [t / t_lora for t, t_lora in zip(times, results["lora"]["times"])] if "lora" in results else [0.0]
-        lines.append(f"| {name} | {med:.2f} | {min(times):.2f} | {max(times):.2f} | {med / lora_t:.3f} | "
-                     f"{statistics.median(rounds):.3f} ({min(rounds):.3f}–{max(rounds):.3f}) | {opt:.1f} | "
-                     f"{peak / gib:.2f} | {rise / gib:.2f} | {peak / lora_peak:.3f} | {rise / lora_rise:.3f} |")
+        rounds = [t / t_lora for t, t_lora in zip(times, lora)]
+        lines.append(f"| {name} | {med:.2f} | {min(times):.2f} | {max(times):.2f} | {med / statistics.median(lora):.3f} "
+                     f"| {statistics.median(rounds):.3f} ({min(rounds):.3f}–{max(rounds):.3f}) "
+                     f"| {min(times) / min(lora):.3f} | {opt:.1f} | {peak / gib:.2f} | {peak / lora_peak:.3f} "
+                     f"| {rise / gib:.3f} | {rise / lora_rise:.3f} |")
     return "\n".join(lines)
 
 
