@@ -24,6 +24,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from sdtrain.console import no_library_progress_bars
     from sdtrain.export.adapter_file import load_adapter
     from sdtrain.export.merge import _check_out, merge_into_base, save_merged
     from sdtrain.models.loading import load_base
@@ -33,7 +34,8 @@ def run(args) -> int:
     base = load_base(args.base, config_dir=args.config_dir, allow_pickle=args.allow_pickle)
     report = merge_into_base(adapter_file, base, strength=args.strength)
     title = adapter_file.metadata.get("ss_output_name") or Path(args.adapter).stem
-    out = save_merged(base, args.out, dtype=args.dtype, overwrite=args.overwrite, title=title)
+    with no_library_progress_bars():
+        out = save_merged(base, args.out, dtype=args.dtype, overwrite=args.overwrite, title=title)
     print(f"merged {len(report.merged)} adapter modules (strength {args.strength:g}) into {args.base}")
     print(f"saved {'single-file checkpoint' if out.suffix == '.safetensors' else 'diffusers folder'} {out} ({args.dtype})")
     return 0

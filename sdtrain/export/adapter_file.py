@@ -5,8 +5,10 @@ Per adapted module `<name>` (kohya name, e.g. `lora_unet_..._to_q`, `lora_te1_..
 - `<name>.lora_up.weight`: [out, r] or [out, r, 1, 1], in the save dtype, with the training
   alpha/rank folded in (so `alpha` = rank and every loader, A1111 1.9 included, gets scale 1);
 - `<name>.alpha`: 0-d fp32, equal to the rank;
-- `<name>.dora_scale` (DoRA only): fp32 magnitude, always at least 2-D: output axis [out, 1] /
-  [out, 1, 1, 1], input axis [1, in] / [1, in, 1, 1].
+- `<name>.dora_scale` (DoRA only): fp32, always at least 2-D: output axis [out, 1] / [out, 1, 1, 1], input axis
+  [1, in] / [1, in, 1, 1]. It holds the magnitude m, or for `save.target = "comfyui"` / `"forge"` the output-axis
+  m·(‖W0‖ + ε)/‖W0 + ΔW‖ that those loaders need (`export/targets.py`; the rule is in the metadata and reading
+  decodes it with the base weight).
 
 Reading also accepts files written by kohya, LyCORIS and OneTrainer: a missing `alpha` (alpha = rank),
 1-D `dora_scale`, fp16/bf16 tensors, `lora_te_` / `lora_te1_` / `lora_te2_` names, either axis.
@@ -15,7 +17,7 @@ Reading also accepts files written by kohya, LyCORIS and OneTrainer: a missing `
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ import torch
 from sdtrain.files import atomic_write_bytes
 from sdtrain.errors import ModelLoadError
 from sdtrain.export import metadata as md
+from sdtrain.export import targets
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale"}
@@ -86,6 +89,7 @@ class ModuleTensors:
     axis: str | None = None  # "output" | "input" for DoRA, None for plain LoRA
     axis_guessed: bool = False
     alpha_in_file: bool = True
+    rule: str = targets.MAGNITUDE  # how dora_scale encodes the magnitude (the file's `sdtrain_dora_scale`)
 
     @property
     def rank(self) -> int:
@@ -108,9 +112,19 @@ class ModuleTensors:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def magnitude(self) -> torch.Tensor | None:
-        """The magnitude as sdtrain holds it: 1-D fp32, [out] or [in]."""
-        return None if self.dora_scale is None else self.dora_scale.detach().to(torch.float32).flatten().clone()
+    def magnitude(self, base_weight: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The magnitude as sdtrain holds it: 1-D fp32, [out] or [in].
+
+        A dora_scale written for ComfyUI's ‖W0‖ rule is decoded with `base_weight` (W0), which it then needs.
+        """
+        if self.dora_scale is None:
+            return None
+        if self.rule == targets.MAGNITUDE or self.axis == "input":
+            return self.dora_scale.detach().to(torch.float32).flatten().clone()
+        if base_weight is None:
+            raise ValueError(f"{self.name}: its dora_scale follows the {self.rule} rule; decoding needs the base weight")
+        return targets.decode_magnitude(self.rule, self.dora_scale, base_weight.to(torch.float32),
+                                        self.delta_weight().to(base_weight.device), self.axis)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/rank)·up·down in fp32, shaped like the base weight."""
@@ -154,6 +168,16 @@ class AdapterFile:
         return None if not axes else axes.pop() if len(axes) == 1 else "mixed"
 
     @property
+    def target(self) -> str | None:
+        """The export target recorded by sdtrain (None for other files)."""
+        return self.metadata.get(md.TARGET_KEY) or None
+
+    @property
+    def rule(self) -> str:
+        """How dora_scale encodes the magnitude: "magnitude" (the default) or "comfyui-w0-norm"."""
+        return md.dora_scale_rule(self.metadata)
+
+    @property
     def training_alpha(self) -> float | None:
         """The training alpha recorded in the metadata (sdtrain folds alpha/rank into lora_up)."""
         return md.training_alpha(self.metadata)
@@ -169,29 +193,39 @@ class AdapterFile:
 # ---------------------------------------------------------------- writing
 
 
-def module_tensors(name: str, module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The file entries of one sdtrain adapter module (alpha/rank folded into lora_up, alpha = rank)."""
+def module_tensors(name: str, module, dtype: torch.dtype, rule: str = targets.MAGNITUDE) -> dict[str, torch.Tensor]:
+    """The file entries of one sdtrain adapter module (alpha/rank folded into lora_up, alpha = rank).
+
+    `rule` ("magnitude" | "comfyui-w0-norm") is how dora_scale encodes the magnitude; the encoding uses the
+    update of the rounded tensors as written, which is what a loader rebuilds.
+    """
     down = module.lora_down.weight.detach().to(torch.float32)
     up = module.lora_up.weight.detach().to(torch.float32)
     rank = int(down.shape[0])
+    down_saved = down.to(dtype).contiguous()
+    up_saved = (up * float(module.scale)).to(dtype).contiguous()
     entries = {
-        f"{name}.lora_down.weight": down.to(dtype).contiguous(),
-        f"{name}.lora_up.weight": (up * float(module.scale)).to(dtype).contiguous(),
+        f"{name}.lora_down.weight": down_saved,
+        f"{name}.lora_up.weight": up_saved,
         f"{name}.alpha": torch.tensor(float(rank), dtype=torch.float32),
     }
     if module.magnitude is not None:
-        weight_shape = tuple(module.base.weight.shape)
-        magnitude = module.magnitude.detach().to(torch.float32).reshape(magnitude_shape(module.axis, weight_shape))
-        entries[f"{name}.dora_scale"] = magnitude.clone().contiguous()
+        w0 = module.original_weight().detach()
+        weight_shape = tuple(w0.shape)
+        magnitude = module.magnitude.detach().to(torch.float32)
+        if rule != targets.MAGNITUDE:
+            delta = (up_saved.to(torch.float32).flatten(1) @ down_saved.to(torch.float32).flatten(1)).reshape(weight_shape)
+            magnitude = targets.encode_magnitude(rule, magnitude, w0, delta, module.axis)
+        entries[f"{name}.dora_scale"] = magnitude.reshape(magnitude_shape(module.axis, weight_shape)).clone().contiguous()
     return entries
 
 
-def adapter_tensors(adapters, dtype="fp16") -> dict[str, torch.Tensor]:
+def adapter_tensors(adapters, dtype="fp16", rule: str = targets.MAGNITUDE) -> dict[str, torch.Tensor]:
     """Every file entry of an AdapterSet, in model order."""
     torch_dtype = _save_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
     for name, module in adapters.modules.items():
-        tensors.update(module_tensors(name, module, torch_dtype))
+        tensors.update(module_tensors(name, module, torch_dtype, rule))
     return {k: v.cpu() for k, v in tensors.items()}
 
 
@@ -230,13 +264,23 @@ def write_adapter_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict
     return atomic_write_bytes(path, serialize_with_hashes(tensors, metadata))
 
 
-def save_adapter(adapters, path, *, dtype="fp16", metadata: dict[str, str] | None = None) -> Path:
+def save_adapter(adapters, path, *, dtype="fp16", metadata: dict[str, str] | None = None,
+                 target: str | None = None) -> Path:
     """Save an AdapterSet as a kohya/LyCORIS-layout safetensors file; returns the path.
 
     `dtype` ("fp16" | "bf16" | "fp32") applies to lora_down/lora_up; alpha and dora_scale are fp32.
-    `metadata` (see `metadata.build_metadata`) is written with the sshs hashes added.
+    `metadata` (see `metadata.build_metadata`) is written with the sshs hashes added. `target` (a
+    `save.target` value) picks how dora_scale encodes the magnitude and is recorded in the metadata;
+    None writes the magnitude itself and records nothing.
     """
-    return write_adapter_tensors(adapter_tensors(adapters, dtype), path, metadata)
+    rule = targets.MAGNITUDE
+    if target is not None:
+        spec = targets.get_target(target)
+        for module in adapters.modules.values():
+            targets.check_axis(spec, module.axis if module.magnitude is not None else None, "save.target")
+        rule = spec.rule
+        metadata = {**(metadata or {}), **targets.metadata_for(spec)}
+    return write_adapter_tensors(adapter_tensors(adapters, dtype, rule), path, metadata)
 
 
 # ---------------------------------------------------------------- reading
@@ -283,6 +327,10 @@ def adapter_file_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[s
         else:
             parts.setdefault(split[0], {})[split[1]] = tensor
     hint = _axis_hint(metadata)
+    rule = md.dora_scale_rule(metadata)
+    if rule not in targets.RULES:
+        raise ModelLoadError(f"{where}: metadata {md.RULE_KEY} = {rule!r} is not one of {list(targets.RULES)}; the file "
+                             f"was written by a newer sdtrain (upgrade it) or its metadata was edited")
     modules: dict[str, ModuleTensors] = {}
     dtypes: dict[str, set] = {}
     for name, found in parts.items():
@@ -301,7 +349,7 @@ def adapter_file_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[s
             alpha, alpha_in_file = float(down.shape[0]), False
         if alpha == 0.0:
             alpha = float(down.shape[0])  # kohya/LyCORIS: alpha 0 means alpha = rank
-        module = ModuleTensors(name, down, up, alpha, alpha_in_file=alpha_in_file)
+        module = ModuleTensors(name, down, up, alpha, alpha_in_file=alpha_in_file, rule=rule)
         if "dora_scale" in found:
             module.dora_scale = found["dora_scale"]
             out_features, in_features = module.weight_shape[0], module.weight_shape[1]
@@ -370,7 +418,8 @@ def restore_module(module, tensors: ModuleTensors, name: str = "") -> None:
     up = tensors.up.to(torch.float32) * (tensors.alpha / tensors.rank) / float(module.scale)
     up_param.copy_(up)
     if has_magnitude:
-        module.magnitude.copy_(tensors.magnitude().reshape(module.magnitude.shape))
+        magnitude = tensors.magnitude(module.original_weight().detach())
+        module.magnitude.copy_(magnitude.to(module.magnitude.device).reshape(module.magnitude.shape))
 
 
 @dataclass
@@ -462,8 +511,7 @@ def _with_canonical_names(adapter_file: AdapterFile, arch: str) -> AdapterFile:
     for name, module in adapter_file.modules.items():
         new = canonical_name(arch, name)
         if new != name:
-            module = ModuleTensors(new, module.down, module.up, module.alpha, module.dora_scale, module.axis,
-                                   module.axis_guessed, module.alpha_in_file)
+            module = replace(module, name=new)
         renamed[new] = module
     if renamed.keys() == adapter_file.modules.keys():
         return adapter_file

@@ -88,6 +88,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def save_merged(base, out, *, dtype: str = "fp16", overwrite: bool = False, title: str | None = None) -> Path:
     """Write the (merged) base as a single-file checkpoint (`*.safetensors`) or a diffusers folder, atomically."""
+    from sdtrain.files import give_normal_modes
     from sdtrain.models.single_file import save_single_file
 
     if dtype not in DTYPES:
@@ -102,6 +103,7 @@ def save_merged(base, out, *, dtype: str = "fp16", overwrite: bool = False, titl
     try:
         pipe.to(dtype=DTYPES[dtype])
         pipe.save_pretrained(staging, safe_serialization=True)
+        give_normal_modes(staging)  # mkdtemp makes the folder 0700, safetensors writes 0600
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, trash / out.name)

@@ -4,6 +4,8 @@ Every value is a string (safetensors metadata is `dict[str, str]`). What the UIs
 - A1111 lists a file as SDXL only when `ss_base_model_version` starts with `sdxl_`; `ss_output_name` is
   the alias in `<lora:alias:w>`; `ss_tag_frequency` (JSON `{folder: {tag: count}}`) feeds its tag list;
   `sshs_model_hash` is taken verbatim as the file's hash.
+- `sdtrain_target` / `sdtrain_dora_scale` record the export target and how `dora_scale` encodes the magnitude
+  (`export/targets.py`); files without them hold the magnitude itself.
 - `ss_network_alpha` records the training alpha. The file's per-module `alpha` tensors equal the rank
   and the training alpha/rank is folded into `lora_up` (exact in A1111 1.9 and 1.10 alike).
 
@@ -34,6 +36,8 @@ MODEL_HASH_KEY = "sshs_model_hash"
 LEGACY_HASH_KEY = "sshs_legacy_hash"
 CONFIG_KEY = "sdtrain_config"
 FOLDING_KEY = "sdtrain_alpha_folded"
+TARGET_KEY = "sdtrain_target"  # the export target the file was written for (`export/targets.py`)
+RULE_KEY = "sdtrain_dora_scale"  # how dora_scale relates to the trained magnitude: "magnitude" | "comfyui-w0-norm"
 
 
 def tensor_section_offset(data: bytes) -> int:
@@ -203,3 +207,8 @@ def parsed_network_args(metadata: dict[str, str]) -> dict:
     except json.JSONDecodeError:
         return {}
     return args if isinstance(args, dict) else {}
+
+
+def dora_scale_rule(metadata: dict[str, str]) -> str:
+    """How the file's dora_scale encodes the magnitude ("magnitude" when the file does not say)."""
+    return metadata.get(RULE_KEY) or "magnitude"
