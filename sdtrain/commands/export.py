@@ -48,7 +48,7 @@ def run(args) -> int:
     from sdtrain.models.loading import load_base
 
     out = output_path(args.adapter, args.target, args.out, args.overwrite)
-    adapter_file = load_adapter(args.adapter)
+    adapter_file = load_adapter(args.adapter)  # a malformed or NaN/inf file is refused before the model loads
     base = load_base(args.base, config_dir=args.config_dir, allow_pickle=args.allow_pickle)
     layers = layers_by_name(adapter_file, base.arch, base.unet, list(base.text_encoders))
     tensors, metadata = retargeted_tensors(adapter_file, {n: layer.weight for n, layer in layers.items()}, args.target)

@@ -48,6 +48,10 @@ def run(args) -> int:
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # one copy of each note under a launcher
         for text in notes:
             note(text)
+    if args.init_from:  # a missing, malformed or NaN/inf adapter fails here, before any model loads
+        from sdtrain.export.adapter_file import load_adapter
+
+        load_adapter(args.init_from)
     train(cfg, dry_run=args.dry_run, resume=args.resume, init_from=args.init_from, quiet=args.quiet,
           continue_command=continue_command(args))
     return 0

@@ -56,8 +56,11 @@ def run(args) -> int:
     from sdtrain.export.adapter_file import load_adapter
     from sdtrain.models.loading import load_base
 
+    from sdtrain.export.merge import check_strength
+
     targets = parsed_targets(args.target)
-    adapter_file = load_adapter(args.adapter)
+    check_strength(args.strength)
+    adapter_file = load_adapter(args.adapter)  # a malformed or NaN/inf file is refused before the model loads
     base = load_base(args.base, config_dir=args.config_dir, allow_pickle=args.allow_pickle)
     report = verify_with_base(adapter_file, base, args.base, targets=targets, strength=args.strength)
     print(report.format())
