@@ -6,8 +6,7 @@ too; "paged" falls back to ordinary memory there); transformers `Adafactor`; `Pr
 
 bitsandbytes keeps the state of parameters with fewer than `min_8bit_size` (default 4096) elements in 32 bits;
 small adapter matrices (rank 4 on a 320-wide layer has 1280 elements) therefore get 32-bit state unless
-`optimizer.args.min_8bit_size` is lowered. We keep bitsandbytes' default. The Adam ones update those small
-32-bit-state tensors on the CPU together (`optim_bnb.grouped_small_updates`, same formula as bitsandbytes).
+`optimizer.args.min_8bit_size` is lowered. We keep bitsandbytes' default.
 
 Schedules are diffusers' `get_scheduler`: a multiplier of each group's own learning rate, stepped once per
 optimizer step.
@@ -41,10 +40,7 @@ def optimizer_class(type: str):
     if type in ("AdamW8bit", "PagedAdamW8bit", "Lion8bit"):
         import bitsandbytes as bnb
 
-        from sdtrain.train.optim_bnb import grouped_small_updates
-
-        cls = getattr(bnb.optim, type)
-        return cls if type == "Lion8bit" else grouped_small_updates(cls)
+        return getattr(bnb.optim, type)
     if type == "Adafactor":
         from transformers.optimization import Adafactor
 
@@ -117,10 +113,28 @@ def build_optimizer(
         if kwargs["lr"] is None:
             group.pop("lr", None)
     try:
-        return cls(groups, **kwargs)
+        optimizer = cls(groups, **kwargs)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"optimizer.type = {type!r} rejected its settings ({error}); "
                           "check optimizer.lr, optimizer.betas, optimizer.eps and optimizer.args") from error
+    optimizer.register_step_post_hook(mark_updated)
+    return optimizer
+
+
+def mark_updated(optimizer: torch.optim.Optimizer, args=None, kwargs=None) -> None:
+    """Bump the version counter of every parameter the step updated (those with a gradient).
+
+    bitsandbytes' kernels write the parameters through raw pointers, which leaves their version counters
+    unchanged; DoRA keeps 1/‖V‖ until the counters of A, B or W0 change (`sdtrain.adapters.dora`), so without
+    this it would keep the norm of the first step. A host-side counter: no device work, no synchronization.
+    Registered as a step post-hook on every optimizer `build_optimizer` returns.
+    """
+    import torch
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                torch.autograd.graph.increment_version(p)
 
 
 def build_lr_scheduler(
