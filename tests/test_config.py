@@ -30,7 +30,7 @@ data.cache_latents data.cache_dir data.cache_text_encoder_outputs data.num_worke
 data.subsets.N.path data.subsets.N.repeats data.subsets.N.is_reg data.subsets.N.caption_extension
 data.subsets.N.shuffle_tags data.subsets.N.keep_tokens data.subsets.N.keep_tokens_separator
 data.subsets.N.tag_separator data.subsets.N.caption_dropout data.subsets.N.tag_dropout data.subsets.N.flip
-data.subsets.N.class_caption
+data.subsets.N.random_crop data.subsets.N.class_caption
 network.type network.rank network.alpha network.decompose_axis network.detach_norm network.preset network.include
 network.exclude network.conv_rank network.conv_alpha network.train_unet network.train_text_encoder
 optimizer.type optimizer.lr optimizer.unet_lr optimizer.text_encoder_lr optimizer.text_encoder_2_lr

@@ -109,6 +109,8 @@ class SubsetConfig:
     caption_dropout: float = setting(0.0, Float(min=0, max=1), "Probability of training on an empty caption.")
     tag_dropout: float = setting(0.0, Float(min=0, max=1), "Probability of dropping each (non-kept) tag.")
     flip: bool = setting(False, Bool(), "Randomly flip images horizontally (not for asymmetric characters).")
+    random_crop: bool = setting(False, Bool(), "Crop a random part of an image that is larger than its bucket, drawn anew each "
+                                "time it is used, instead of the centre (kohya random_crop); needs data.cache_latents = false.")
     class_caption: str | None = setting(None, Str(), "Caption used for images that have no caption file.",
                                         default_doc="none: an image without a caption file trains with an empty caption (the dry run counts them)")
 
@@ -126,7 +128,8 @@ class DataConfig:
     cache_dir: str | None = setting(None, Path("output_dir"), "Folder for cached latents and text-encoder outputs.",
                                     default_doc="{train.output_dir}/cache")
     cache_text_encoder_outputs: bool = setting(False, Bool(), "Cache text-encoder outputs (needs fixed captions and frozen text encoders).")
-    num_workers: int = setting(2, Int(min=0), "Data loader worker processes (0 = load in the main process). Not used yet: batches load in the main process.")
+    num_workers: int = setting(2, Int(min=0), "Data loader worker processes that read, decode and augment the next batches while the "
+                                 "device trains (0 = load in the main process); batches are the same with any number.")
     subsets: list[SubsetConfig] = setting(list, SectionList(SubsetConfig), "Image folders, one [[data.subsets]] table each.",
                                           required=True, example='[[data.subsets]]\npath = "datasets/my_character"')
 

@@ -39,7 +39,7 @@ def subset_specs(cfg) -> list[SubsetSpec]:
         )
         specs.append(SubsetSpec(path=subset.path, repeats=subset.repeats, is_reg=subset.is_reg,
                                 caption_extension=subset.caption_extension or cfg.data.caption_extension,
-                                captions=captions, flip=subset.flip))
+                                captions=captions, flip=subset.flip, random_crop=subset.random_crop))
     return specs
 
 
