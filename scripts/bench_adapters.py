@@ -1,5 +1,6 @@
 """Forward+backward time and peak memory of one adapted layer: plain, LoRA, sdtrain DoRA, PEFT DoRA.
 
+A secondary tool beside the full-size training step (scripts/bench_train.py), for looking at one layer kind.
 Shapes are SDXL at 1024² (batch 1) plus the CLIP-L/G query projections. Variants of a shape are
 timed interleaved (round-robin, rotating order) so that CPU contention hits them alike; times are
 medians after warm-up. Peak memory is the largest amount of tensor memory allocated during one
@@ -43,7 +44,7 @@ QUICK_SHAPES = {
     "quick linear 64 x256": ("linear", 64, 64, 256),
     "quick conv 32 @16²": ("conv", 32, 32, (16, 16)),
 }
-VARIANTS = ("plain", "lora", "dora-out", "dora-in", "dora-out-autograd", "peft-dora")
+VARIANTS = ("plain", "lora", "dora-out", "dora-in", "peft-dora")
 
 
 def parse_args(argv=None):
@@ -89,7 +90,6 @@ def build_variant(variant, base, rank):
         cls = DoRALinear if isinstance(base, nn.Linear) else DoRAConv2d
         axis = "input" if variant == "dora-in" else "output"
         module = cls(base, rank, float(rank), decompose=variant.startswith("dora"), axis=axis)
-        module.fused = not variant.endswith("-autograd")  # -autograd: same math in plain autograd ops
         up = module.lora_up.weight
     with torch.no_grad():
         up.normal_(0, 1e-3)
@@ -150,10 +150,16 @@ def peak_memory(module, x, grad, amp, device):
         step(module, x, grad, amp)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    return cpu_tensor_peak(lambda: step(module, x, grad, amp))
+
+
+def cpu_tensor_peak(fn) -> int:
+    """Peak of the tensor memory that PyTorch's CPU allocator holds during fn(), above the level before it: the
+    running sum of the allocation and free events that torch.profiler(profile_memory=True) records."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(module, x, grad, amp)
+        fn()
     sizes = []
 
     def walk(event):

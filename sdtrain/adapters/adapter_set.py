@@ -92,6 +92,14 @@ class AdapterSet:
             if module.merged:
                 module.unmerge()
 
+    def compile(self, component: str = "unet", **options) -> nn.Module:
+        """Compile one adapted model ("unet", "te1", "te2") in place with `torch.compile` (`options` go to it,
+        e.g. mode="max-autotune"); returns the model. The DoRA/LoRA layers compile into its graphs (their
+        channel norms too: see sdtrain.adapters.dora)."""
+        model = self.roots[component]
+        model.compile(**options)
+        return model
+
     # ------------------------------------------------------------ state
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

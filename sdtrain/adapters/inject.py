@@ -243,7 +243,6 @@ def inject_adapters(unet, text_encoders, arch: str, spec: NetworkSpec) -> Adapte
     Text encoders get adapters only when `spec.train_text_encoder`; all given models are frozen.
     """
     from sdtrain.adapters.dora import DoRAModule
-    from sdtrain.adapters.norm_batch import batch_channel_norms
 
     roots = {"unet": unet, **{f"te{i + 1}": te for i, te in enumerate(text_encoders or [])}}
     roots = {component: root for component, root in roots.items() if root is not None}
@@ -266,5 +265,4 @@ def inject_adapters(unet, text_encoders, arch: str, spec: NetworkSpec) -> Adapte
         adapters.add(entry.kohya_name, entry.component, entry.module_path, module)
     for param in adapters.parameters():
         param.requires_grad_(True)
-    batch_channel_norms(adapters.modules.values())
     return adapters

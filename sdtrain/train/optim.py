@@ -6,8 +6,7 @@ too; "paged" falls back to ordinary memory there); transformers `Adafactor`; `Pr
 
 bitsandbytes keeps the state of parameters with fewer than `min_8bit_size` (default 4096) elements in 32 bits;
 small adapter matrices (rank 4 on a 320-wide layer has 1280 elements) therefore get 32-bit state unless
-`optimizer.args.min_8bit_size` is lowered. We keep bitsandbytes' default. The Adam ones update those small
-32-bit-state tensors on the CPU together (`optim_bnb.grouped_small_updates`, same formula as bitsandbytes).
+`optimizer.args.min_8bit_size` is lowered. We keep bitsandbytes' default.
 
 Schedules are diffusers' `get_scheduler`: a multiplier of each group's own learning rate, stepped once per
 optimizer step.
@@ -41,10 +40,7 @@ def optimizer_class(type: str):
     if type in ("AdamW8bit", "PagedAdamW8bit", "Lion8bit"):
         import bitsandbytes as bnb
 
-        from sdtrain.train.optim_bnb import grouped_small_updates
-
-        cls = getattr(bnb.optim, type)
-        return cls if type == "Lion8bit" else grouped_small_updates(cls)
+        return getattr(bnb.optim, type)
     if type == "Adafactor":
         from transformers.optimization import Adafactor
 
