@@ -37,7 +37,7 @@ optimizer.type optimizer.lr optimizer.unet_lr optimizer.text_encoder_lr optimize
 optimizer.weight_decay optimizer.betas optimizer.eps optimizer.args
 scheduler.type scheduler.warmup_steps scheduler.num_cycles scheduler.power
 train.max_steps train.epochs train.batch_size train.gradient_accumulation_steps train.max_grad_norm
-train.mixed_precision train.gradient_checkpointing train.seed train.loss train.huber_c train.min_snr_gamma
+train.mixed_precision train.gradient_checkpointing train.compile train.seed train.loss train.huber_c train.min_snr_gamma
 train.noise_offset train.min_timestep train.max_timestep train.output_dir train.output_name
 save.every_n_steps save.every_n_epochs save.keep_last save.dtype save.state_every_n_steps save.keep_last_states
 save.target save.targets

@@ -167,6 +167,8 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, Float(min=0), "Gradient clipping norm (0 = off).")
     mixed_precision: str = setting("bf16", Choice(("no", "fp16", "bf16")), "Autocast precision; bf16 needs an Ampere or newer GPU.")
     gradient_checkpointing: bool = setting(False, Bool(), "Recompute activations in backward to save memory.")
+    compile: bool = setting(False, Bool(), "Run the UNet (with its adapters) under torch.compile: faster steps on a GPU after the "
+                            "first steps compile it (minutes for SDXL); needs a C++ compiler on the CPU.")
     seed: int = setting(42, Int(min=0, max=MAX_SEED), "Random seed for noise, timesteps, shuffling, augmentation and the adapters' initial weights.")
     loss: str = setting("l2", Choice(LOSS_KINDS), "Loss between prediction and target.")
     huber_c: float = setting(0.1, Float(min=0, min_open=True), "Huber loss threshold.")
@@ -214,7 +216,8 @@ class LogConfig:
                                       "grad norm; the resolved config as hyperparameters); \"auto\": when the tensorboard package is installed "
                                       "(pip install tensorboard), else off with a note.")
     log_dir: str | None = setting(None, Path("output_dir"), "Folder for logs.", default_doc="{train.output_dir}/logs")
-    log_every_n_steps: int = setting(10, Int(min=1), "Log loss and learning rate every N steps.")
+    log_every_n_steps: int = setting(10, Int(min=1), "Log loss and learning rate every N steps. Only then does the host read values "
+                                     "from the device (losses, the NaN/inf check; with several processes, the agreement on a stop).")
 
 
 @dataclass

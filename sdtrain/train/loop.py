@@ -238,13 +238,16 @@ class Trainer:
         return adapters
 
     def _setup_training_modes(self) -> None:
-        """Gradient checkpointing and train/eval modes."""
+        """Gradient checkpointing, torch.compile of the UNet with its adapters (train.compile; in place, before
+        accelerate wraps it) and train/eval modes."""
         base = self.base
         if self.cfg.train.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             if self.train_te:
                 for encoder in base.text_encoders:
                     encoder.gradient_checkpointing_enable()
+        if self.cfg.train.compile:
+            self.adapters.compile("unet")
         base.unet.train()
         for encoder in base.text_encoders:
             encoder.train(self.train_te)

@@ -199,5 +199,7 @@ def describe_plan(plan: TrainingPlan, cfg) -> str:
                  f"preset {cfg.network.preset}, axis {cfg.network.decompose_axis}")
     if plan.network_report:
         lines.append(plan.network_report)
+    lines.append(f"loading: {cfg.data.num_workers} data loader worker process(es); UNet "
+                 + ("under torch.compile (the first steps compile it)" if cfg.train.compile else "eager"))
     lines.extend(f"warning: {w}" for w in plan.warnings)
     return "\n".join(lines)
