@@ -191,9 +191,11 @@ def _as_is(item):
 def make_loader(batches: PlannedBatchDataset, requests: BatchRequests, num_workers: int,
                 pin_memory: bool) -> torch.utils.data.DataLoader:
     """The DataLoader over `requests`: `num_workers` worker processes (0: in the main process), each batch
-    pinned when `pin_memory` (on CUDA)."""
+    pinned when `pin_memory` (on CUDA). Its own generator seeds the workers: starting an iterator draws from it,
+    not from torch's global generator, which a step may use (a resumed run starts its iterator at another step)."""
     return torch.utils.data.DataLoader(batches, batch_size=None, sampler=requests, num_workers=num_workers,
-                                       collate_fn=_as_is, pin_memory=pin_memory)
+                                       collate_fn=_as_is, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(batches.seed))
 
 
 class BatchStream:
