@@ -615,6 +615,7 @@ class Trainer:
                     self.global_step += 1
                     self.pending.add(self.global_step, loss, self.lr_scheduler.get_last_lr()[0], self.last_grad_norm)
                     bar.update(1)
+                    bar.refresh()  # every step (tools read the progress line; the loss shows from each log)
                     if self.global_step % cfg.log.log_every_n_steps == 0:
                         self.check_diverged()  # the step values' one trip to the host
                     self.after_step()
