@@ -113,10 +113,28 @@ def build_optimizer(
         if kwargs["lr"] is None:
             group.pop("lr", None)
     try:
-        return cls(groups, **kwargs)
+        optimizer = cls(groups, **kwargs)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"optimizer.type = {type!r} rejected its settings ({error}); "
                           "check optimizer.lr, optimizer.betas, optimizer.eps and optimizer.args") from error
+    optimizer.register_step_post_hook(mark_updated)
+    return optimizer
+
+
+def mark_updated(optimizer: torch.optim.Optimizer, args=None, kwargs=None) -> None:
+    """Bump the version counter of every parameter the step updated (those with a gradient).
+
+    bitsandbytes' kernels write the parameters through raw pointers, which leaves their version counters
+    unchanged; DoRA keeps 1/‖V‖ until the counters of A, B or W0 change (`sdtrain.adapters.dora`), so without
+    this it would keep the norm of the first step. A host-side counter: no device work, no synchronization.
+    Registered as a step post-hook on every optimizer `build_optimizer` returns.
+    """
+    import torch
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                torch.autograd.graph.increment_version(p)
 
 
 def build_lr_scheduler(

@@ -176,3 +176,26 @@ def test_warmup_with_constant_is_a_config_error():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ConfigError, match="constant_with_warmup"):
         build_lr_scheduler(opt, "constant", warmup_steps=5, total_steps=10)
+
+
+@pytest.mark.parametrize("type", ["AdamW", "AdamW8bit", "Lion8bit", "Adafactor", "SGD"])
+def test_step_marks_updated_parameters_for_the_dora_norm_cache(type):
+    """bitsandbytes writes parameters without bumping their version counters; the optimizer's post-step hook
+    does, so a DoRA layer recomputes 1/‖V‖ after every step (its cache is keyed on the counters) and its output
+    equals the dense reference with the updated weights."""
+    from sdtrain.adapters.dora import DoRALinear
+
+    torch.manual_seed(0)
+    module = DoRALinear(torch.nn.Linear(96, 80), rank=48, alpha=48.0)  # A and B ≥ 4096 elements: 8-bit state
+    with torch.no_grad():
+        module.lora_up.weight.normal_(0, 0.1)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = build_optimizer([{"params": params, "lr": 0.05, "name": "all"}], type, 0.05)
+    x = torch.randn(8, 96)
+    for _ in range(3):
+        module(x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x, module.merged_weight(), module.base.bias)
+        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
