@@ -22,7 +22,8 @@ from PIL import Image
 
 from sdtrain.data.buckets import Bucketing
 from sdtrain.data.cache import LatentCache, vae_fingerprint
-from sdtrain.data.dataset import ImageDataset, PlannedBatches, SubsetSpec, latent_items, latent_pixels, scan_dataset
+from sdtrain.data.dataset import PlannedBatches, SubsetSpec, latent_items, latent_pixels, scan_dataset
+from sdtrain.data.loader import load_sample
 
 
 def make_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -66,9 +67,8 @@ def main() -> int:
         dataset, seconds = timed(lambda: scan_dataset([SubsetSpec(root / "data")], bucketing, args.threads))
         rows.append(("scan (read + sha256 + full decode + bucket)", args.images, seconds))
 
-        samples = ImageDataset(dataset, seed=0)
         keys = [key for batch in PlannedBatches(dataset.records, args.batch_size, 0, 0) for key in batch]
-        _, seconds = timed(lambda: [samples[key] for key in keys])
+        _, seconds = timed(lambda: [load_sample(dataset, key, seed=0) for key in keys])
         rows.append(("sample: load + resize + crop + to tensor (1 process)", len(keys), seconds))
 
         items = latent_items(dataset)
@@ -82,8 +82,7 @@ def main() -> int:
         rows.append((f"latent cache cold (load + tiny VAE encode + write), {encoded} encoded", len(items), seconds))
         encoded, seconds = timed(lambda: cache.ensure(items, encode, batch_size=args.batch_size))
         rows.append((f"latent cache hot (check entries), {encoded} encoded", len(items), seconds))
-        cached = ImageDataset(dataset, seed=0, latent_cache=cache)
-        _, seconds = timed(lambda: [cached[key] for key in keys])
+        _, seconds = timed(lambda: [load_sample(dataset, key, seed=0, latent_cache=cache) for key in keys])
         rows.append(("sample from latent cache (read safetensors)", len(keys), seconds))
 
     print(f"{args.images} generated {size[0]}x{size[1]} JPEGs, resolution {args.resolution}, "

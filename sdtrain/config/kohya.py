@@ -164,6 +164,7 @@ OPTIONS: dict[str, KohyaOption] = {
     "keep_tokens_separator": KohyaOption(SUBSETS + "keep_tokens_separator"),
     "caption_separator": KohyaOption(SUBSETS + "tag_separator"),
     "flip_aug": KohyaOption(SUBSETS + "flip"),
+    "random_crop": KohyaOption(SUBSETS + "random_crop"),
     "caption_dropout_rate": KohyaOption(SUBSETS + "caption_dropout"),
     "caption_tag_dropout_rate": KohyaOption(SUBSETS + "tag_dropout"),
 }
@@ -269,6 +270,7 @@ _SUBSET_KEYS = {  # kohya subset key -> sdtrain subset key
     "keep_tokens_separator": "keep_tokens_separator",
     "caption_separator": "tag_separator",
     "flip_aug": "flip",
+    "random_crop": "random_crop",
     "caption_dropout_rate": "caption_dropout",
     "caption_tag_dropout_rate": "tag_dropout",
 }
@@ -282,7 +284,7 @@ _DATASET_KEYS = {  # kohya dataset key -> sdtrain dotted key
 }
 # kohya keys sdtrain has no equivalent of, with kohya's default: accepted (and ignored) only at that value.
 _KOHYA_DEFAULTS = {
-    "color_aug": False, "face_crop_aug_range": None, "random_crop": False, "caption_prefix": None,
+    "color_aug": False, "face_crop_aug_range": None, "caption_prefix": None,
     "caption_suffix": None, "caption_dropout_every_n_epochs": 0, "token_warmup_min": 1, "token_warmup_step": 0,
     "secondary_separator": None, "enable_wildcard": False, "alpha_mask": False, "network_multiplier": 1.0,
     "prior_loss_weight": 1.0,

@@ -157,6 +157,9 @@ class Resolver:
                 self.fail("data.cache_text_encoder_outputs",
                           f"cached text-encoder outputs need fixed captions, but data.subsets.{i} uses shuffle_tags, "
                           "caption_dropout or tag_dropout; turn those off or set cache_text_encoder_outputs = false")
+            if d.cache_latents and s.random_crop:
+                self.fail(f"data.subsets.{i}.random_crop", "random crops change every time an image is used, but cached "
+                          "latents hold one fixed crop; set data.cache_latents = false or turn random_crop off")
         if d.subsets and all(s.is_reg for s in d.subsets):
             self.fail("data.subsets", "every subset has is_reg = true; add at least one subset of training images")
         if d.cache_text_encoder_outputs and self.c.network.train_text_encoder:

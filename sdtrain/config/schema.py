@@ -109,6 +109,8 @@ class SubsetConfig:
     caption_dropout: float = setting(0.0, Float(min=0, max=1), "Probability of training on an empty caption.")
     tag_dropout: float = setting(0.0, Float(min=0, max=1), "Probability of dropping each (non-kept) tag.")
     flip: bool = setting(False, Bool(), "Randomly flip images horizontally (not for asymmetric characters).")
+    random_crop: bool = setting(False, Bool(), "Crop a random part of an image that is larger than its bucket, drawn anew each "
+                                "time it is used, instead of the centre (kohya random_crop); needs data.cache_latents = false.")
     class_caption: str | None = setting(None, Str(), "Caption used for images that have no caption file.",
                                         default_doc="none: an image without a caption file trains with an empty caption (the dry run counts them)")
 
@@ -126,7 +128,8 @@ class DataConfig:
     cache_dir: str | None = setting(None, Path("output_dir"), "Folder for cached latents and text-encoder outputs.",
                                     default_doc="{train.output_dir}/cache")
     cache_text_encoder_outputs: bool = setting(False, Bool(), "Cache text-encoder outputs (needs fixed captions and frozen text encoders).")
-    num_workers: int = setting(2, Int(min=0), "Data loader worker processes (0 = load in the main process). Not used yet: batches load in the main process.")
+    num_workers: int = setting(2, Int(min=0), "Data loader worker processes that read, decode and augment the next batches while the "
+                                 "device trains (0 = load in the main process); batches are the same with any number.")
     subsets: list[SubsetConfig] = setting(list, SectionList(SubsetConfig), "Image folders, one [[data.subsets]] table each.",
                                           required=True, example='[[data.subsets]]\npath = "datasets/my_character"')
 
@@ -164,6 +167,8 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, Float(min=0), "Gradient clipping norm (0 = off).")
     mixed_precision: str = setting("bf16", Choice(("no", "fp16", "bf16")), "Autocast precision; bf16 needs an Ampere or newer GPU.")
     gradient_checkpointing: bool = setting(False, Bool(), "Recompute activations in backward to save memory.")
+    compile: bool = setting(False, Bool(), "Run the UNet (with its adapters) under torch.compile: faster steps on a GPU after the "
+                            "first steps compile it (minutes for SDXL); needs a C++ compiler on the CPU.")
     seed: int = setting(42, Int(min=0, max=MAX_SEED), "Random seed for noise, timesteps, shuffling, augmentation and the adapters' initial weights.")
     loss: str = setting("l2", Choice(LOSS_KINDS), "Loss between prediction and target.")
     huber_c: float = setting(0.1, Float(min=0, min_open=True), "Huber loss threshold.")
@@ -211,7 +216,8 @@ class LogConfig:
                                       "grad norm; the resolved config as hyperparameters); \"auto\": when the tensorboard package is installed "
                                       "(pip install tensorboard), else off with a note.")
     log_dir: str | None = setting(None, Path("output_dir"), "Folder for logs.", default_doc="{train.output_dir}/logs")
-    log_every_n_steps: int = setting(10, Int(min=1), "Log loss and learning rate every N steps.")
+    log_every_n_steps: int = setting(10, Int(min=1), "Log loss and learning rate every N steps. Only then does the host read values "
+                                     "from the device (losses, the NaN/inf check; with several processes, the agreement on a stop).")
 
 
 @dataclass

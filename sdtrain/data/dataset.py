@@ -1,4 +1,4 @@
-"""Dataset scanning, the epoch plan, and per-sample loading.
+"""Dataset scanning, the epoch plan, and what a planned sample is (its key, rng, crop and pixels).
 
 Folders (kohya layout): a subset folder named `N_name` (or each `N_name` folder directly inside a subset
 folder) gives its images N repeats and the caption "name" when an image has no caption file. Images directly
@@ -26,7 +26,7 @@ Epoch plan (`epoch_plan`), a pure function of (records, batch_size, seed, epoch)
 Resuming at (epoch, batch index) replays the same plan and skips the done batches, so a resumed epoch shows
 every image exactly as often as an uninterrupted one. Per-sample randomness (flip, random crop, caption
 augmentation) is drawn from an rng seeded by (seed, epoch, batch, slot), so it is identical on resume and
-independent of the number of loader workers.
+independent of the number of loader workers (`sdtrain.data.loader` loads the samples).
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdtrain.data.buckets import Bucketing, Size, apply_crop, plan_crop, sdxl_time_ids
+from sdtrain.data.buckets import Bucketing, Size, apply_crop, plan_crop
 from sdtrain.data.cache import LatentItem
 from sdtrain.data.captions import (
-    MAX_CAPTION_CHARS, CaptionOptions, UnreadableCaption, augment_caption, cacheable_captions, needs_live_encoding,
+    MAX_CAPTION_CHARS, CaptionOptions, UnreadableCaption, cacheable_captions, needs_live_encoding,
     read_caption_checked,
 )
 from sdtrain.data.images import (
@@ -486,7 +486,8 @@ def sample_rng(seed: int, key: SampleKey) -> random.Random:
 
 
 class PlannedBatches:
-    """Batch sampler for torch DataLoader: one epoch of the plan, optionally from a batch index (resume)."""
+    """One epoch of the plan as lists of sample keys, optionally from a batch index (resume); the data loader's
+    sampler (`sdtrain.data.loader.BatchRequests`) reads the epochs through it."""
 
     def __init__(self, records: list[ImageRecord], batch_size: int, seed: int, epoch: int,
                  start_batch: int = 0, drop_last: bool = False):
@@ -560,55 +561,3 @@ def captions_to_cache(dataset: ScannedDataset) -> list[str]:
         for text in cacheable_captions(record.caption, dataset.specs[record.subset_index].captions):
             texts.setdefault(text, None)
     return list(texts)
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Map-style dataset indexed by SampleKey (use with PlannedBatches as batch_sampler, collate_samples).
-
-    Each sample is a dict: pixel_values (3, H, W) in [-1, 1] -- or latents from `latent_cache` --, caption
-    (augmented), time_ids (SDXL add_time_ids, 6 floats), is_reg, record, flipped.
-    """
-
-    def __init__(self, dataset: ScannedDataset, seed: int, latent_cache=None):
-        self.dataset = dataset
-        self.seed = seed
-        self.latent_cache = latent_cache
-        if latent_cache is not None:
-            latent_items(dataset)  # refuses random crops
-
-    def __len__(self) -> int:
-        return len(self.dataset.records)
-
-    def __getitem__(self, key: SampleKey) -> dict:
-        record = self.dataset.records[key.record]
-        spec = self.dataset.specs[record.subset_index]
-        rng = sample_rng(self.seed, key)
-        flip = spec.flip and rng.random() < 0.5
-        sample = {"is_reg": record.is_reg, "record": key.record, "flipped": flip}
-        if self.latent_cache is not None:
-            item = latent_item(record, flip)
-            sample["latents"] = self.latent_cache.load(item)
-            crop, original_size = item.crop_top_left, record.original_size
-        else:
-            image = load_checked(record.path, record.content_hash)
-            plan = plan_crop(image.size, record.bucket, spec.random_crop, rng, flip)
-            sample["pixel_values"] = image_to_tensor(apply_crop(image, plan, record.bucket))
-            crop, original_size = (plan.top, plan.left), image.size
-        sample["caption"] = augment_caption(record.caption, spec.captions, rng)
-        sample["time_ids"] = torch.tensor(sdxl_time_ids(original_size, crop, record.bucket), dtype=torch.float32)
-        return sample
-
-
-def collate_samples(samples: list[dict]) -> dict:
-    """Stack a bucket-homogeneous list of samples into a batch dict (tensors stacked, captions a list)."""
-    batch = {
-        "captions": [s["caption"] for s in samples],
-        "time_ids": torch.stack([s["time_ids"] for s in samples]),
-        "is_reg": torch.tensor([s["is_reg"] for s in samples]),
-        "records": [s["record"] for s in samples],
-        "flipped": [s["flipped"] for s in samples],
-    }
-    for name in ("pixel_values", "latents"):
-        if name in samples[0]:
-            batch[name] = torch.stack([s[name] for s in samples])
-    return batch

@@ -26,6 +26,7 @@ import torch
 from sdtrain.errors import UserError
 from sdtrain.train.accelerator import DistributedSetupError, make_accelerator, weight_dtype_for
 from sdtrain.train.interrupt import StopRequest, TrainingInterrupted
+from sdtrain.train.logs import PendingSteps
 from sdtrain.train.plan import TrainingPlan, describe_plan, make_plan
 
 
@@ -37,7 +38,8 @@ class TrainingDiverged(UserError):
 class TrainResult:
     final_adapter: Path | None
     saved: list[Path] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)  # one per optimizer step, from the resumed step on
+    losses: list[float] = field(default_factory=list)  # one per optimizer step, from the resumed step on (filled
+    # at each log, save and stop: see Trainer.check_diverged)
     samples: list[Path] = field(default_factory=list)
     verify_summary: str = ""
     verify_report: object = None
@@ -51,8 +53,10 @@ class TrainerCallback:
     def on_batch(self, trainer: Trainer, epoch: int, keys: list) -> None:
         """Before a micro-batch trains: its epoch and this process's sample keys (`key.record` is the image)."""
 
-    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
-        """After optimizer step `step` (counted from 1) and the saves and samples that follow it."""
+    def on_step_end(self, trainer: Trainer, step: int, loss: torch.Tensor) -> None:
+        """After optimizer step `step` (counted from 1) and the saves and samples that follow it. `loss` is this
+        process's mean loss of the step, a 0-dim tensor on the device: reading its value (`float(loss)`) makes
+        the host wait for the device (the trainer itself reads losses only every log.log_every_n_steps)."""
 
 
 class Trainer:
@@ -76,7 +80,9 @@ class Trainer:
         self.base = None
         self.finished_state = None  # a resumed state already at the last step: nothing to train
         self.state_step = None  # the step of the newest state this run wrote
-        self._epoch_cache = None
+        self.batch_stream = None  # the data loader, from the first step on
+        self.pending = PendingSteps()  # the values of the steps since the last log, on the device
+        self.bar = None
 
     # ------------------------------------------------------------------ output
 
@@ -232,13 +238,16 @@ class Trainer:
         return adapters
 
     def _setup_training_modes(self) -> None:
-        """Gradient checkpointing and train/eval modes."""
+        """Gradient checkpointing, torch.compile of the UNet with its adapters (train.compile; in place, before
+        accelerate wraps it) and train/eval modes."""
         base = self.base
         if self.cfg.train.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             if self.train_te:
                 for encoder in base.text_encoders:
                     encoder.gradient_checkpointing_enable()
+        if self.cfg.train.compile:
+            self.adapters.compile("unet")
         base.unet.train()
         for encoder in base.text_encoders:
             encoder.train(self.train_te)
@@ -336,11 +345,15 @@ class Trainer:
                 return encode_prompts(self.base.arch, self.base.tokenizers, self.text_encoders, captions,
                                       clip_skip=self.cfg.model.clip_skip)
 
-    def conditioning(self, captions: list[str]):
+    def conditioning(self, captions: list[str], cached=None):
+        """The UNet's text conditioning of `captions`: encoded now, or from the text-encoder cache (`cached`: the
+        entries the data loader read with the batch, else read here)."""
         from sdtrain.train.conditioning import Conditioning
 
         if self.text_cache is None:
             return self.encode_text(captions)
+        if cached is not None:
+            return cached
         entries = [self.text_cache.load(c) for c in captions]
         device = self.accelerator.device
         embeds = torch.stack([e["prompt_embeds"] for e in entries]).to(device)
@@ -352,32 +365,37 @@ class Trainer:
         so the draw does not depend on the process count, the per-device batch size or on resuming."""
         return torch.Generator("cpu").manual_seed((self.cfg.train.seed * 1_000_003 + global_batch) * 4099 + slot)
 
-    def process_slice(self, keys: list) -> tuple[list, int]:
-        """This process's share of a global batch and the slot of its first sample: contiguous slices of
-        near-equal size (a bucket's short last batch with fewer samples than processes repeats its samples so
-        that no process idles)."""
-        processes, rank = self.plan.processes, self.accelerator.process_index
-        if processes == 1:
-            return keys, 0
-        if len(keys) < processes:
-            keys = (keys * processes)[:processes]
-        base, extra = divmod(len(keys), processes)
-        start = rank * base + min(rank, extra)
-        return keys[start:start + base + (1 if rank < extra else 0)], start
+    def planned_batch(self, global_index: int):
+        """This process's slice of global batch `global_index` (a `sdtrain.data.loader.Batch`, on the host), loaded
+        ahead of the steps by the data loader (data.num_workers worker processes)."""
+        if self.batch_stream is None:
+            from sdtrain.data.loader import BatchRequests, BatchStream, PlannedBatchDataset
 
-    def micro_batch_loss(self, global_batch: int, keys, slot_offset: int = 0) -> torch.Tensor:
-        """Loss of this process's slice of one global batch."""
+            plan, accelerator = self.plan, self.accelerator
+            batches = PlannedBatchDataset(plan.dataset, self.cfg.train.seed, self.latent_cache, self.text_cache)
+            stop = plan.global_batch_index(plan.total_steps)
+
+            def requests(start: int) -> BatchRequests:
+                return BatchRequests(plan.dataset, plan.global_batch_size, plan.seed, start, stop, plan.processes,
+                                     accelerator.process_index)
+
+            self.batch_stream = BatchStream(batches, requests, self.cfg.data.num_workers,
+                                            pin_memory=accelerator.device.type == "cuda")
+        return self.batch_stream.batch(global_index)
+
+    def micro_batch_loss(self, batch) -> torch.Tensor:
+        """Loss of this process's slice of one global batch (a `sdtrain.data.loader.Batch`)."""
         from diffusers.training_utils import compute_snr
 
-        from sdtrain.train.batches import load_batch
-        from sdtrain.train.conditioning import unet_added_cond_kwargs
+        from sdtrain.train.batches import encode_pixels
+        from sdtrain.train.conditioning import Conditioning, unet_added_cond_kwargs
         from sdtrain.train.loss import (diffusion_loss, min_snr_weights, prediction_type_of, sample_noise,
                                         sample_timesteps, training_target)
 
         cfg, base, device = self.cfg, self.base, self.accelerator.device
-        batch = load_batch(self.plan.dataset, keys, cfg.train.seed, latent_cache=self.latent_cache,
-                           vae=base.vae if self.latent_cache is None else None)
-        latents = batch.latents.to(device)
+        global_batch, slot_offset = batch.global_index, batch.slot_offset
+        batch = batch.to(device)  # from pinned memory on CUDA: the host does not wait
+        latents = batch.latents if batch.latents is not None else encode_pixels(base.vae, batch.pixels)
         scheduler = base.noise_scheduler
         noises, timesteps = [], []
         for i in range(latents.shape[0]):
@@ -389,7 +407,8 @@ class Trainer:
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction_type = prediction_type_of(scheduler, base.prediction_type)
         target = training_target(scheduler, latents, noise, timesteps, prediction_type)
-        cond = self.conditioning(batch.captions)
+        cached = Conditioning(batch.prompt_embeds, batch.pooled_embeds) if batch.prompt_embeds is not None else None
+        cond = self.conditioning(batch.captions, cached)
         added = unet_added_cond_kwargs(cond, batch.time_ids.to(device)) if base.arch == "sdxl" else None
         with self.accelerator.autocast():
             pred = self.unet(noisy.to(self.weight_dtype), timesteps, encoder_hidden_states=cond.prompt_embeds,
@@ -399,53 +418,77 @@ class Trainer:
             weights = min_snr_weights(compute_snr(scheduler, timesteps), cfg.train.min_snr_gamma, prediction_type)
         return diffusion_loss(pred, target, cfg.train.loss, cfg.train.huber_c, weights)
 
-    def optimizer_step(self, step: int) -> float:
+    def optimizer_step(self, step: int) -> torch.Tensor:
         """One optimizer step over `accumulation` global batches, accumulated by accelerate (the wrapped models
-        all-reduce only on the last one); returns the mean loss over micro-batches and processes."""
+        all-reduce only on the last one). Returns this process's mean loss over the micro-batches as a 0-dim
+        tensor on the device: nothing in a step reads a value on the host (see `check_diverged`)."""
         plan, accelerator = self.plan, self.accelerator
-        total = 0.0
+        total = None
         self.last_grad_norm = None
         for a in range(plan.accumulation):
-            epoch, index = plan.position(step, a)
-            keys, slot_offset = self.process_slice(self.epoch_batches(epoch)[index])
+            batch = self.planned_batch(plan.global_batch_index(step, a))
             for callback in self.callbacks:
-                callback.on_batch(self, epoch, keys)
+                callback.on_batch(self, batch.epoch, batch.keys)
             with accelerator.accumulate(*self.models):
                 if accelerator.sync_gradients != (a == plan.accumulation - 1):
                     raise RuntimeError(f"accelerate's accumulation is out of step with the plan at step {step + 1}")
-                loss = self.micro_batch_loss(plan.global_batch_index(step, a), keys, slot_offset)
-                self.check_finite(loss, step)
+                loss = self.micro_batch_loss(batch)
                 accelerator.backward(loss)  # divided by the accumulation count
                 if accelerator.sync_gradients and self.cfg.train.max_grad_norm > 0:
-                    self.last_grad_norm = float(accelerator.clip_grad_norm_(self.trainable_params,
-                                                                           self.cfg.train.max_grad_norm))
+                    self.last_grad_norm = accelerator.clip_grad_norm_(self.trainable_params,
+                                                                      self.cfg.train.max_grad_norm)
                 self.optimizer.step()  # accelerate skips it until the last micro-batch
                 self.optimizer.zero_grad(set_to_none=True)
-            total += loss.detach().float().item()
+            loss = loss.detach().float()
+            total = loss if total is None else total + loss
         self.lr_scheduler.step()
-        mean = total / plan.accumulation
-        if plan.processes > 1:
-            mean = accelerator.reduce(torch.tensor(mean, device=accelerator.device), reduction="mean").item()
-        return mean
+        return total / plan.accumulation
 
-    def epoch_batches(self, epoch: int):
-        from sdtrain.data.dataset import PlannedBatches
+    def check_diverged(self) -> None:
+        """Raise `TrainingDiverged` when training has diverged: the loss of a step since the previous check, or an
+        adapter weight now, is NaN/inf. First brings the values the steps kept on the device to the host, in one
+        transfer, and writes them (loss_log.csv, `result.losses`, TensorBoard, the progress bar).
 
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            batches = list(PlannedBatches(self.plan.dataset.records, self.plan.global_batch_size, self.cfg.train.seed,
-                                          epoch))
-            self._epoch_cache = (epoch, batches)
-        return self._epoch_cache[1]
-
-    def check_finite(self, loss: torch.Tensor, step: int) -> None:
-        if torch.isfinite(loss).all():
+        It waits for the device, so the loop calls it every log.log_every_n_steps steps, and the saves call it
+        before they write (a saved adapter or training state is never diverged). With several processes it is a
+        collective: every process calls it at the same step (the loss is averaged over processes)."""
+        params = [p.detach() for p in self.adapters.parameters()]
+        weights = torch.stack([p.sum() for p in params]).sum()  # NaN/inf in any weight makes it non-finite
+        rows, (weights_sum,) = self.pending.take(self._mean_over_processes, extra=[weights])
+        self.write_logs(rows)
+        bad = next((row for row in rows if not math.isfinite(row.loss)), None)
+        if bad is None and math.isfinite(weights_sum):
             return
-        bad = [group for group in dict.fromkeys(self.adapters.groups.values())
-               if any(not torch.isfinite(p).all() for p in self.adapters.parameters(group))]
-        where = f"parameter group(s) {', '.join(bad)} hold NaN/inf" if bad else \
+        groups = [group for group in dict.fromkeys(self.adapters.groups.values())
+                  if any(not torch.isfinite(p).all() for p in self.adapters.parameters(group))]
+        where = f"parameter group(s) {', '.join(groups)} hold NaN/inf" if groups else \
             "all parameter groups are finite; the loss itself overflowed (lower optimizer.lr, or use bf16/fp32)"
+        what = f"loss is {bad.loss} at step {bad.step}" if bad else f"the adapter weights after step {self.global_step}"
         last = f"the last good save is {self.last_save}" if self.last_save else "no adapter was saved yet"
-        raise TrainingDiverged(f"loss is {loss.item()} at step {step + 1}: {where}; {last}")
+        raise TrainingDiverged(f"{what}: {where}; {last}")
+
+    def _mean_over_processes(self, values: torch.Tensor) -> torch.Tensor:
+        if self.plan.processes == 1:
+            return values
+        return self.accelerator.reduce(values, reduction="mean")
+
+    def write_logs(self, rows) -> None:
+        """Steps' values on the host (`sdtrain.train.logs.StepRow`) into loss_log.csv, `result.losses`, TensorBoard
+        (the steps at multiples of log.log_every_n_steps) and the progress bar."""
+        cfg = self.cfg
+        if not rows:
+            return
+        self.loss_log.write(rows)
+        self.result.losses.extend(row.loss for row in rows)
+        if cfg.log.tensorboard:
+            for row in rows:
+                if row.step % cfg.log.log_every_n_steps == 0:
+                    values = {"loss": row.loss, "lr": row.lr}
+                    if row.grad_norm is not None:
+                        values["grad_norm"] = row.grad_norm
+                    self.accelerator.log(values, step=row.step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rows[-1].loss:.4f}", lr=f"{rows[-1].lr:.2e}")
 
     # ------------------------------------------------------------------ saving, sampling, logging
 
@@ -475,6 +518,7 @@ class Trainer:
     def save_adapter(self, step: int, final: bool = False) -> Path | None:
         from sdtrain.export.adapter_file import save_adapter
 
+        self.check_diverged()
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return None
@@ -494,6 +538,7 @@ class Trainer:
         save.keep_last_states."""
         from sdtrain.train.state import save_training_state, state_info
 
+        self.check_diverged()
         if self.state_step == self.global_step:  # a stop right after a periodic state: it is this one
             return self.result.state
         info = state_info(self.cfg, self.plan, self.global_step, self.base.fingerprint, self.last_save)
@@ -561,23 +606,18 @@ class Trainer:
         self.loss_log = LossLog(self.output_dir / "loss_log.csv", keep_until=self.global_step, enabled=self.is_main)
         if cfg.log.tensorboard:
             accelerator.init_trackers("sdtrain", config=tracker_hyperparameters(cfg))
-        bar = tqdm(total=plan.total_steps, initial=self.global_step, disable=not self.is_main or self.quiet,
-                   desc="training", dynamic_ncols=True)
+        bar = self.bar = tqdm(total=plan.total_steps, initial=self.global_step,
+                              disable=not self.is_main or self.quiet, desc="training", dynamic_ncols=True)
         try:
             with self.stop:
                 while self.global_step < plan.total_steps:
                     loss = self.optimizer_step(self.global_step)
                     self.global_step += 1
-                    self.result.losses.append(loss)
-                    lr = self.lr_scheduler.get_last_lr()[0]
-                    self.loss_log.write(self.global_step, loss, lr)
+                    self.pending.add(self.global_step, loss, self.lr_scheduler.get_last_lr()[0], self.last_grad_norm)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                    if cfg.log.tensorboard and self.global_step % cfg.log.log_every_n_steps == 0:
-                        values = {"loss": loss, "lr": lr}
-                        if self.last_grad_norm is not None:
-                            values["grad_norm"] = self.last_grad_norm
-                        accelerator.log(values, step=self.global_step)
+                    bar.refresh()  # every step (tools read the progress line; the loss shows from each log)
+                    if self.global_step % cfg.log.log_every_n_steps == 0:
+                        self.check_diverged()  # the step values' one trip to the host
                     self.after_step()
                     for callback in self.callbacks:
                         callback.on_step_end(self, self.global_step, loss)
@@ -587,6 +627,9 @@ class Trainer:
             bar.close()
             self.say(self.abandoned_message())
             raise
+        finally:
+            if self.batch_stream is not None:
+                self.batch_stream.close()  # the loader's worker processes
         bar.close()
         if self.global_step < plan.total_steps:
             self.stop_and_save()
@@ -626,9 +669,12 @@ class Trainer:
             self.save_state()
 
     def stop_agreed(self) -> bool:
-        """Whether a stop was asked for, in any process (they all stop after the same step)."""
+        """Whether a stop was asked for, in any process (they all stop after the same step). Several processes
+        agree at the steps that log (every log.log_every_n_steps), as the exchange waits for the device."""
         asked = self.stop.reason is not None
         if self.plan.processes > 1:
+            if self.global_step % self.cfg.log.log_every_n_steps:
+                return False
             flag = torch.tensor(float(asked), device=self.accelerator.device)
             if self.accelerator.reduce(flag, reduction="sum").item() > 0 and not asked:
                 self.stop.request("a stop in another process", 1)

@@ -39,7 +39,7 @@ def subset_specs(cfg) -> list[SubsetSpec]:
         )
         specs.append(SubsetSpec(path=subset.path, repeats=subset.repeats, is_reg=subset.is_reg,
                                 caption_extension=subset.caption_extension or cfg.data.caption_extension,
-                                captions=captions, flip=subset.flip))
+                                captions=captions, flip=subset.flip, random_crop=subset.random_crop))
     return specs
 
 
@@ -199,5 +199,7 @@ def describe_plan(plan: TrainingPlan, cfg) -> str:
                  f"preset {cfg.network.preset}, axis {cfg.network.decompose_axis}")
     if plan.network_report:
         lines.append(plan.network_report)
+    lines.append(f"loading: {cfg.data.num_workers} data loader worker process(es); UNet "
+                 + ("under torch.compile (the first steps compile it)" if cfg.train.compile else "eager"))
     lines.extend(f"warning: {w}" for w in plan.warnings)
     return "\n".join(lines)

@@ -8,9 +8,8 @@ from PIL import Image
 
 from sdtrain.data.buckets import Bucketing
 from sdtrain.data.cache import LatentCache, TextEncoderCache, model_fingerprint, vae_fingerprint
-from sdtrain.data.dataset import (
-    ImageDataset, SampleKey, SubsetSpec, latent_items, latent_pixels, scan_dataset,
-)
+from sdtrain.data.dataset import SampleKey, SubsetSpec, latent_items, latent_pixels, scan_dataset
+from sdtrain.data.loader import load_sample
 from sdtrain.errors import ConfigError
 
 SMALL = Bucketing((128, 64), min_side=64, max_side=128)  # buckets (64, 64), (64, 128), (128, 64)
@@ -151,13 +150,12 @@ def test_dataset_serves_cached_latents_with_crop_conditioning(tmp_path, vae):
     dataset = scan(tmp_path / "data", flip=True)
     cache = LatentCache(tmp_path / "cache", vae_fingerprint(vae))
     cache.ensure(latent_items(dataset), CountingEncoder(vae))
-    served = ImageDataset(dataset, seed=0, latent_cache=cache)
     flips = set()
     for batch in range(12):
-        sample = served[SampleKey(2, 0, batch, 0)]  # "c": 97x40 in bucket 128x64 -> resized 155x64, left 13
+        sample = load_sample(dataset, SampleKey(2, 0, batch, 0), seed=0, latent_cache=cache)  # "c": 97x40 in bucket 128x64 -> resized 155x64, left 13
         flips.add(sample["flipped"])
         left = 13 if not sample["flipped"] else 155 - 128 - 13  # in the flipped image: 14
-        assert sample["time_ids"].tolist() == [40, 97, 0, left, 64, 128]
+        assert list(sample["time_ids"]) == [40, 97, 0, left, 64, 128]
         expected = reference_latent(vae, COLOURS["c"], (128, 64))
         assert torch.allclose(sample["latents"], expected, atol=2e-3)
     assert flips == {False, True}

@@ -11,20 +11,21 @@ from PIL import Image
 from sdtrain.data.buckets import Bucketing
 from sdtrain.data.captions import CaptionOptions
 from sdtrain.data.dataset import (
-    ImageDataset, PlannedBatches, SampleKey, SubsetSpec, captions_to_cache, collate_samples, epoch_plan,
-    locate_step, scan_dataset, scan_subset, steps_per_epoch,
+    PlannedBatches, SampleKey, SubsetSpec, captions_to_cache, epoch_plan, locate_step, scan_dataset, scan_subset,
+    steps_per_epoch,
 )
+from sdtrain.data.loader import BatchRequests, PlannedBatchDataset, load_sample, make_loader
 from helpers_data import build_hostile, save, solid, to_unit
 from sdtrain.errors import ConfigError, DataError
 
 SMALL = Bucketing(128, min_side=64, max_side=256)  # buckets (64,192) (64,256) (128,128) (192,64) (256,64)
 
 
-def load_all(dataset, seed=0, epoch=0, batch_size=2):
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(dataset, seed), batch_sampler=PlannedBatches(dataset.records, batch_size, seed, epoch),
-        collate_fn=collate_samples, num_workers=0)
-    return list(loader)
+def load_all(dataset, seed=0, batch_size=2):
+    """The batches of the first epoch, through the trainer's data loader."""
+    batches = len(list(PlannedBatches(dataset.records, batch_size, seed, 0)))
+    requests = BatchRequests(dataset, batch_size, seed, 0, batches)
+    return list(make_loader(PlannedBatchDataset(dataset, seed), requests, num_workers=0, pin_memory=False))
 
 
 def test_hostile_dataset_scans_loads_and_batches(tmp_path):
@@ -57,21 +58,21 @@ def test_hostile_dataset_scans_loads_and_batches(tmp_path):
     }
     seen = Counter()
     for batch in load_all(dataset):
-        pixels = batch["pixel_values"]
+        pixels = batch.pixels
         assert pixels.dtype == torch.float32 and pixels.shape[1] == 3
-        for row, index in enumerate(batch["records"]):
+        for row, index in enumerate(key.record for key in batch.keys):
             record = dataset.records[index]
             seen[record.path.name] += 1
             image = pixels[row]
             assert tuple(image.shape[1:]) == (record.bucket[1], record.bucket[0])
-            assert batch["captions"][row] == record.caption
+            assert batch.captions[row] == record.caption
             name = record.path.name
             if name in expected_colour:
                 assert (image - to_unit(expected_colour[name])).abs().max() < 0.07, name
             elif name == "rotated.jpg":  # resized 96 x 192, centre crop left 16: top half red, bottom blue
                 assert (image[:, 8:88] - to_unit((255, 0, 0))).abs().mean() < 0.05
                 assert (image[:, 104:184] - to_unit((0, 0, 255))).abs().mean() < 0.05
-                assert batch["time_ids"][row].tolist() == [64, 32, 0, 16, 192, 64]
+                assert batch.time_ids[row].tolist() == [64, 32, 0, 16, 192, 64]
             elif name == "rgba.png":  # 128 x 128: left green, right (was transparent) white
                 assert (image[:, :, 4:56] - to_unit((0, 160, 0))).abs().max() < 0.05
                 assert (image[:, :, 72:124] - 1.0).abs().max() < 0.01
@@ -224,16 +225,15 @@ def test_sample_randomness_is_keyed_by_plan_position(tmp_path):
     (root / "half.txt").write_text("a, b, c, d")
     spec = SubsetSpec(root, repeats=40, flip=True, captions=CaptionOptions(shuffle_tags=True))
     dataset = scan_dataset([spec], SMALL)
-    data = ImageDataset(dataset, seed=5)
     flips = []
     for batch_index in range(40):
         key = SampleKey(0, 0, batch_index, 0)
-        sample = data[key]
-        again = data[key]
-        assert torch.equal(sample["pixel_values"], again["pixel_values"]) and sample["caption"] == again["caption"]
-        left_is_white = sample["pixel_values"][:, :, :50].mean() > 0.9
+        sample = load_sample(dataset, key, seed=5)
+        again = load_sample(dataset, key, seed=5)
+        assert torch.equal(sample["pixels"], again["pixels"]) and sample["caption"] == again["caption"]
+        left_is_white = sample["pixels"][:, :, :50].mean() > 0.9
         assert left_is_white != sample["flipped"]
-        left = sample["time_ids"][3].item()
+        left = sample["time_ids"][3]
         assert left == 0  # square image, square bucket: nothing cropped either way
         flips.append(sample["flipped"])
     assert 8 < sum(flips) < 32
@@ -254,7 +254,7 @@ def test_changed_file_after_scan_is_a_data_error(tmp_path):
     dataset = scan_dataset([SubsetSpec(root)], SMALL)
     solid(root / "x.png", (64, 64), (1, 2, 3))
     with pytest.raises(DataError, match="changed after the dataset was scanned"):
-        ImageDataset(dataset, 0)[SampleKey(0, 0, 0, 0)]
+        load_sample(dataset, SampleKey(0, 0, 0, 0), seed=0)
 
 
 def test_demo_dataset_is_clean_and_regenerates_byte_identical(tmp_path):
