@@ -108,8 +108,8 @@ class Trainer:
     def setup(self) -> None:
         """Build every component; with `resume`, check the state first (no weights) and restore it last."""
         from sdtrain.config import resolved_config_path, write_resolved_config
-        from sdtrain.train.state import register_state_hooks
 
+        self._claim_output_dir()
         resume = self._check_resume()
         if resume and resume[1]["global_step"] >= self.plan.total_steps:
             self.finished_state = resume
@@ -134,9 +134,33 @@ class Trainer:
         self.unet = self.models[0]
         if self.train_te:
             self.text_encoders = self.models[1:]  # through the DDP wrappers, so their gradients are all-reduced
-        register_state_hooks(self.accelerator)
         self.global_step = self._restore_state(*resume) if resume else 0
         self.lr_scheduler = self._setup_lr_scheduler(optimizer, self.global_step)
+
+    def _claim_output_dir(self) -> None:
+        """Lock the output folder for this run (a second run into it exits 2), then remove the temporaries of
+        killed writes and finish interrupted state saves (see `output_lock`, `state.recover_states`)."""
+        from sdtrain.train.output_lock import OutputDirBusy, lock_output_dir, remove_stale_temporaries
+        from sdtrain.train.state import recover_states, states_root
+
+        busy = None
+        if self.is_main:
+            try:
+                lock_output_dir(self.output_dir)
+            except OutputDirBusy as error:
+                busy = error
+        if self.plan.processes > 1:
+            flag = torch.tensor(float(busy is not None), device=self.accelerator.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() > 0 and busy is None:
+                busy = OutputDirBusy(f"train.output_dir {self.output_dir} is in use by another sdtrain run")
+        if busy is not None:
+            raise busy
+        if self.is_main:
+            for path in remove_stale_temporaries(self.output_dir):
+                self.note(f"removed {path}, left by a write that was interrupted")
+            for note in recover_states(states_root(self.output_dir)):
+                self.note(note)
+        self.accelerator.wait_for_everyone()
 
     def _check_resume(self) -> tuple[Path, dict] | None:
         """(state folder, its trainer_state) for `resume`, checked against the config and plan; no weights load."""
@@ -308,7 +332,7 @@ class Trainer:
 
         check_base(info, self.base.fingerprint)
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        self.adapters.load_trainable_state_dict(load_training_state(self.accelerator, folder))
+        self.adapters.load_trainable_state_dict(load_training_state(self.accelerator, folder, self.optimizer))
         for group, values in zip(self.optimizer.param_groups, settings):
             group.update(values)
         if info.get("last_adapter"):
@@ -497,8 +521,9 @@ class Trainer:
         if self.state_step == self.global_step:  # a stop right after a periodic state: it is this one
             return self.result.state
         info = state_info(self.cfg, self.plan, self.global_step, self.base.fingerprint, self.last_save)
-        path = save_training_state(self.accelerator, self.output_dir, adapter_state=self.adapters.trainable_state_dict(),
-                                   info=info, keep_last=self.cfg.save.keep_last_states)
+        path = save_training_state(self.accelerator, self.output_dir, optimizer=self.optimizer,
+                                   adapter_state=self.adapters.trainable_state_dict(), info=info,
+                                   keep_last=self.cfg.save.keep_last_states)
         self.result.state, self.state_step = path, self.global_step
         return path
 
@@ -544,6 +569,16 @@ class Trainer:
         self.stop.request(reason, exit_code)
 
     def run(self) -> TrainResult:
+        """Train (building the components first when `setup` was not called); the output folder's lock is
+        released at the end, however the run ends."""
+        from sdtrain.train.output_lock import unlock_output_dir
+
+        try:
+            return self._run()
+        finally:
+            unlock_output_dir(self.output_dir)
+
+    def _run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
         from sdtrain.train.logs import LossLog, tracker_hyperparameters
