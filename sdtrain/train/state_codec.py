@@ -128,12 +128,14 @@ def set_rng_state(state: dict) -> None:
 
 def looks_like_pickle(path: Path) -> bool:
     """Whether a file is (or is named like) a pickle or a torch.save archive: what sdtrain never loads from a
-    state."""
+    state. A safetensors file (8-byte header length, then its JSON header) is not one."""
     if path.suffix.lower() in (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt", ".npy", ".npz", ".joblib"):
         return True
     try:
         with open(path, "rb") as handle:
-            head = handle.read(4)
+            head = handle.read(9)
     except OSError:
         return False
-    return head[:1] == b"\x80" or head == b"PK\x03\x04"  # pickle protocol 2+; zip (torch.save's format)
+    if len(head) == 9 and head[8:9] == b"{":
+        return False  # safetensors
+    return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04"
