@@ -23,14 +23,10 @@ from pathlib import Path
 
 import torch
 
-from sdtrain.errors import UserError
 from sdtrain.train.accelerator import DistributedSetupError, make_accelerator, weight_dtype_for
+from sdtrain.train.divergence import TrainingDiverged, check_before_save, last_finite
 from sdtrain.train.interrupt import StopRequest, TrainingInterrupted
 from sdtrain.train.plan import TrainingPlan, describe_plan, make_plan
-
-
-class TrainingDiverged(UserError):
-    """The loss or the adapter weights became NaN/inf."""
 
 
 @dataclass
@@ -468,8 +464,8 @@ class Trainer:
                if any(not torch.isfinite(p).all() for p in self.adapters.parameters(group))]
         where = f"parameter group(s) {', '.join(bad)} hold NaN/inf" if bad else \
             "all parameter groups are finite; the loss itself overflowed (lower optimizer.lr, or use bf16/fp32)"
-        last = f"the last good save is {self.last_save}" if self.last_save else "no adapter was saved yet"
-        raise TrainingDiverged(f"loss is {loss.item()} at step {step + 1}: {where}; {last}")
+        raise TrainingDiverged(f"loss is {loss.item()} at step {step + 1}: {where}; "
+                               f"{last_finite(self.output_dir, self.last_save)}")
 
     # ------------------------------------------------------------------ saving, sampling, logging
 
@@ -499,10 +495,11 @@ class Trainer:
     def save_adapter(self, step: int, final: bool = False) -> Path | None:
         from sdtrain.export.adapter_file import save_adapter
 
+        path = self.adapter_path(None if final else step)
+        check_before_save(self, f"the adapter {path}")
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return None
-        path = self.adapter_path(None if final else step)
         save_adapter(self.adapters, path, dtype=self.cfg.save.dtype, metadata=self.metadata(step),
                      target=self.cfg.save.target)
         self.last_save = path
@@ -520,6 +517,7 @@ class Trainer:
 
         if self.state_step == self.global_step:  # a stop right after a periodic state: it is this one
             return self.result.state
+        check_before_save(self, "the training state")
         info = state_info(self.cfg, self.plan, self.global_step, self.base.fingerprint, self.last_save)
         path = save_training_state(self.accelerator, self.output_dir, optimizer=self.optimizer,
                                    adapter_state=self.adapters.trainable_state_dict(), info=info,
