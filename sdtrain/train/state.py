@@ -61,6 +61,18 @@ INCOMPATIBLE_KEYS = (
     "train.gradient_accumulation_steps", "train.seed",
 )
 
+# Keys that decide the learning-rate schedule: a change re-plans it from the new totals (see
+# `Trainer._setup_lr_scheduler`, which positions the new schedule at the resumed step).
+SCHEDULE_KEYS = ("train.max_steps", "train.epochs", "scheduler.type", "scheduler.warmup_steps",
+                 "scheduler.num_cycles", "scheduler.power")
+# Sections whose other keys change what a step computes (data, loss, noise, timesteps, optimizer settings):
+# a change applies from the resumed step on and is noted as making the run differ from a straight one.
+TRAINING_PREFIXES = ("data.", "train.", "optimizer.", "network.", "model.")
+# Keys in those sections that change where and how fast the run works, not what it computes.
+NOT_TRAINING_KEYS = ("train.output_dir", "train.output_name", "train.gradient_checkpointing", "data.cache_dir",
+                     "data.cache_latents", "data.cache_text_encoder_outputs", "data.num_workers", "model.revision",
+                     "model.allow_pickle")
+
 
 class ResumeError(UserError):
     """A state cannot be resumed with this config (or was not found)."""
@@ -272,7 +284,7 @@ def check_resumable(info: dict, cfg, plan) -> list[str]:
     from sdtrain.config import config_to_flat_dict
 
     saved, now = info["config"], config_to_flat_dict(cfg)
-    problems, notes = [], []
+    problems, notes, step = [], [], int(info["global_step"])
     for key in sorted(saved.keys() | now.keys()):
         old, new = saved.get(key), now.get(key)
         if old == new:
@@ -282,11 +294,18 @@ def check_resumable(info: dict, cfg, plan) -> list[str]:
         elif key == "model.path":
             notes.append(f"model.path changed from {old!r} to {new!r}; the weights are checked against the "
                          "state's base model after loading")
+        elif key in SCHEDULE_KEYS:
+            notes.append(f"{key} changed from {old!r} to {new!r}; re-planned: the learning-rate schedule is "
+                         f"recomputed for {plan.total_steps} steps, and from step {step + 1} on the rates are "
+                         "those of a straight run with the new settings")
+        elif key.startswith(TRAINING_PREFIXES) and key not in NOT_TRAINING_KEYS:
+            notes.append(f"{key} changed from {old!r} to {new!r}; re-planned: steps {step + 1} to "
+                         f"{plan.total_steps} use the new value, steps 1 to {step} were trained with the old one "
+                         "(the result differs from a straight run with either)")
         else:
-            notes.append(f"{key} changed from {old!r} to {new!r}; the new value applies from step "
-                         f"{info['global_step']} on")
+            notes.append(f"{key} changed from {old!r} to {new!r}; the new value applies from step {step + 1} on")
     if info["dataset_fingerprint"] != plan.dataset.fingerprint():
-        problems.append("the dataset changed (images, repeats or buckets differ from the state's)")
+        problems.append("the dataset changed (images, captions, repeats or buckets differ from the state's)")
     if info["processes"] != plan.processes:
         problems.append(f"the state was trained with {info['processes']} process(es), this run has "
                         f"{plan.processes}: the data order per process would differ; launch with "
