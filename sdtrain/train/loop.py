@@ -110,6 +110,9 @@ class Trainer:
         if resume and resume[1]["global_step"] >= self.plan.total_steps:
             self.finished_state = resume
             return
+        from sdtrain.train.space import check_output_space
+
+        check_output_space(self.cfg, self.plan)  # before any weights load
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_resolved_config(self.cfg, resolved_config_path(self.cfg))
@@ -569,10 +572,16 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train (building the components first when `setup` was not called); the output folder's lock is
         released at the end, however the run ends."""
+        from sdtrain.files import write_fault
         from sdtrain.train.output_lock import unlock_output_dir
 
         try:
             return self._run()
+        except OSError as error:  # a write the writers did not report themselves (logs, samples, caches)
+            fault = write_fault(error, error.filename or self.output_dir, kept="the files written so far are kept")
+            if fault is None:
+                raise
+            raise fault from error
         finally:
             unlock_output_dir(self.output_dir)
 
