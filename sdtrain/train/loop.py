@@ -155,7 +155,7 @@ class Trainer:
         if busy is not None:
             raise busy
         if self.is_main:
-            for path in remove_stale_temporaries(self.output_dir):
+            for path in remove_stale_temporaries(self.output_dir, skip=[self.cfg.data.cache_dir]):
                 self.note(f"removed {path}, left by a write that was interrupted")
             for note in recover_states(states_root(self.output_dir)):
                 self.note(note)

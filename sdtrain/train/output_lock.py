@@ -62,11 +62,13 @@ def unlock_output_dir(folder) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def remove_stale_temporaries(folder) -> list[Path]:
-    """Delete the temporary files of interrupted atomic writes in `folder` and below (call under the lock);
-    returns them."""
+def remove_stale_temporaries(folder, skip=()) -> list[Path]:
+    """Delete the temporary files of interrupted atomic writes in `folder` and below, except in the folders
+    `skip` (a cache other runs may share); call under the lock. Returns them."""
     removed = []
-    for parent, _, names in os.walk(folder):
+    skipped = {os.path.abspath(path) for path in skip}
+    for parent, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if os.path.abspath(os.path.join(parent, name)) not in skipped]
         for name in names:
             if _TEMPORARY.fullmatch(name):
                 path = Path(parent) / name

@@ -199,5 +199,11 @@ def describe_plan(plan: TrainingPlan, cfg) -> str:
                  f"preset {cfg.network.preset}, axis {cfg.network.decompose_axis}")
     if plan.network_report:
         lines.append(plan.network_report)
+    from sdtrain.train.space import output_size
+
+    size = output_size(cfg, plan)
+    if size is not None:
+        lines.append(f"disk: about {size.total / 2**20:.1f} MiB in {cfg.train.output_dir} ({size.adapters} adapter "
+                     f"file(s), {size.states} training state(s) at once)")
     lines.extend(f"warning: {w}" for w in plan.warnings)
     return "\n".join(lines)
