@@ -165,10 +165,11 @@ class Trainer:
         """(state folder, its trainer_state) for `resume`, checked against the config and plan; no weights load."""
         if not self.resume:
             return None
-        from sdtrain.train.state import check_resumable, find_state, read_state_info
+        from sdtrain.train.state import check_resumable, check_state_files, find_state, read_state_info
 
         folder, notes = find_state(self.output_dir, self.resume)
         info = read_state_info(folder)
+        check_state_files(folder)
         if self.cfg.model.arch == "auto":
             self._replan(info["arch"], quiet=True)  # the family the state's run found in the weights
         notes += check_resumable(info, self.cfg, self.plan)

@@ -74,11 +74,18 @@ def test_optimizer_state_round_trips_exactly_through_safetensors_and_json(tmp_pa
 def test_pickle_planted_in_a_copied_state_does_not_run(tmp_path, capsys, monkeypatch):
     """A state copied elsewhere with pickles added under accelerate's names, or a pickle in place of a state
     file: resume exits 2 naming the file, and the payload never runs (its marker folder stays absent)."""
+    import sdtrain.models.loading as loading
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("model weights loaded")
+
     config = write_config(tmp_path, "run", steps=2)
     trainer = run(config)
     state = complete_states(states_root(trainer.output_dir))[0][-1]
     assert not any(looks_like_pickle(path) for path in state.iterdir())
     marker = tmp_path / "payload-ran"
+    real_load = loading.load_base
+    monkeypatch.setattr(loading, "load_base", no_weights)  # a planted pickle is refused before any weights load
 
     for planted in ("random_states_0.pkl", "custom_checkpoint_0.pkl", "optimizer.bin", "scaler.pt"):
         copied = tmp_path / f"copied-{planted}"
@@ -91,6 +98,7 @@ def test_pickle_planted_in_a_copied_state_does_not_run(tmp_path, capsys, monkeyp
         assert not marker.exists()
 
     # a pickle in place of the optimizer's own files: read as safetensors/JSON, refused as damaged
+    monkeypatch.setattr(loading, "load_base", real_load)
     for replaced in ("optimizer.safetensors", "optimizer.json"):
         copied = tmp_path / f"replaced-{replaced}"
         shutil.copytree(state, copied)
