@@ -28,6 +28,8 @@ COPIED = ("sdtrain", "tests", "configs", "datasets", "docs", "README.md", "pypro
 
 WIRING = "tests/train/test_wiring.py"
 STATE = "tests/train/test_state.py"
+SAFETY = "tests/train/test_state_safety.py"
+GUARDS = "tests/train/test_train_guards.py"
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,18 @@ MUTATIONS = [
              (f"{STATE}::test_resume_that_cannot_work_exits_2_before_weights_load",)),
     Mutation("signals-ignored", "sdtrain/train/loop.py", "            with self.stop:\n", "            with StopRequest():\n",
              (f"{STATE}::test_sigint_sigterm_sigkill_then_resume_is_bitwise_identical",)),
+    Mutation("state-pickle-allowed", "sdtrain/train/loop.py",
+             "info = read_state_info(folder)\n        check_state_files(folder)\n", "info = read_state_info(folder)\n",
+             (f"{SAFETY}::test_pickle_planted_in_a_copied_state_does_not_run",)),
+    Mutation("no-state-recovery", "sdtrain/train/loop.py", "for note in recover_states(states_root(self.output_dir)):",
+             "for note in []:", (f"{SAFETY}::test_kill_in_the_replacement_window_and_a_second_run_into_the_folder",)),
+    Mutation("no-output-lock", "sdtrain/train/loop.py", "                lock_output_dir(self.output_dir)\n",
+             "                pass\n",
+             (f"{SAFETY}::test_kill_in_the_replacement_window_and_a_second_run_into_the_folder",)),
+    Mutation("state-saved-diverged", "sdtrain/train/loop.py", '        check_before_save(self, "the training state")\n',
+             "", (f"{GUARDS}::test_divergence_writes_nothing_and_names_the_last_finite_state",)),
+    Mutation("adapter-saved-diverged", "sdtrain/train/loop.py", '        check_before_save(self, f"the adapter {path}")\n',
+             "", (f"{GUARDS}::test_divergence_writes_nothing_and_names_the_last_finite_state",)),
 ]
 
 

@@ -63,3 +63,59 @@ def test_trees_from_other_libraries_get_normal_modes(tmp_path, umask):
     os.chmod(state / "adapters.safetensors", 0o600)
     fsync_tree(state)
     assert mode(state / "adapters.safetensors") == 0o644
+
+
+# Writes under a real file-size limit in a fresh process (SIGXFSZ would kill it unless sdtrain ignores it).
+UNDER_SIZE_LIMIT = """
+import resource, sys, torch
+from pathlib import Path
+from sdtrain.files import WriteError, atomic_save_safetensors, atomic_write_bytes
+folder = Path(sys.argv[1])
+atomic_write_bytes(folder / "old.bin", b"previous")
+resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))
+for write in (lambda: atomic_write_bytes(folder / "old.bin", b"x" * 100_000),
+              lambda: atomic_save_safetensors({"w": torch.zeros(50_000)}, folder / "new.safetensors")):
+    try:
+        write()
+    except WriteError as error:
+        print(error)
+"""
+
+
+def test_write_faults_keep_the_previous_file_and_name_the_fix(tmp_path):
+    """EFBIG from a real `ulimit -f`, for raw bytes and for safetensors (its Rust error carries the errno):
+    WriteError naming the file, the limit and the fix; the previous file intact; no temporary left."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", UNDER_SIZE_LIMIT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2, done.stdout
+    assert lines[0].startswith(f"cannot write {tmp_path / 'old.bin'}: this process may write files of at most "
+                               "16.0 KiB (ulimit -f) (it needs about 97.7 KiB); the previous old.bin is kept")
+    assert lines[1].startswith(f"cannot write {tmp_path / 'new.safetensors'}: this process may write files of at most")
+    assert "nothing was written" in lines[1] and "ulimit -f unlimited" in lines[1]
+    assert (tmp_path / "old.bin").read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.bin"]
+
+
+def test_read_only_folder_is_a_write_error(tmp_path):
+    """A real read-only bind mount when this machine allows mounting (root); skipped elsewhere."""
+    import subprocess
+
+    from sdtrain.files import WriteError
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    (folder / "old.bin").write_bytes(b"previous")
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount here")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True)
+        with pytest.raises(WriteError, match="read-only filesystem; the previous old.bin is kept. Choose a writable"):
+            atomic_write_bytes(folder / "old.bin", b"new")
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+    assert (folder / "old.bin").read_bytes() == b"previous"

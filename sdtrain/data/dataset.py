@@ -315,11 +315,13 @@ class ScannedDataset:
         return dict(sorted(counts.items()))
 
     def fingerprint(self) -> str:
-        """Digest of what the epoch plan depends on (order, content, repeats, buckets, reg flags): store it
-        in a checkpoint and compare on resume to detect a dataset that changed in between."""
+        """Digest of what the epoch plan and the steps depend on (order, image content, captions, repeats,
+        buckets, reg flags): store it in a checkpoint and compare on resume to detect a dataset that changed in
+        between."""
         digest = hashlib.sha256()
         for r in self.records:
-            digest.update(f"{r.content_hash}|{r.repeats}|{r.bucket}|{r.is_reg}|{r.subset_index}\n".encode())
+            caption = hashlib.sha256(r.caption.encode()).hexdigest()[:16]
+            digest.update(f"{r.content_hash}|{caption}|{r.repeats}|{r.bucket}|{r.is_reg}|{r.subset_index}\n".encode())
         return digest.hexdigest()[:32]
 
     def summary(self) -> str:

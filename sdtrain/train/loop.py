@@ -23,15 +23,11 @@ from pathlib import Path
 
 import torch
 
-from sdtrain.errors import UserError
 from sdtrain.train.accelerator import DistributedSetupError, make_accelerator, weight_dtype_for
+from sdtrain.train.divergence import TrainingDiverged, check_before_save, last_finite
 from sdtrain.train.interrupt import StopRequest, TrainingInterrupted
 from sdtrain.train.logs import PendingSteps
 from sdtrain.train.plan import TrainingPlan, describe_plan, make_plan
-
-
-class TrainingDiverged(UserError):
-    """The loss or the adapter weights became NaN/inf."""
 
 
 @dataclass
@@ -114,12 +110,15 @@ class Trainer:
     def setup(self) -> None:
         """Build every component; with `resume`, check the state first (no weights) and restore it last."""
         from sdtrain.config import resolved_config_path, write_resolved_config
-        from sdtrain.train.state import register_state_hooks
 
+        self._claim_output_dir()
         resume = self._check_resume()
         if resume and resume[1]["global_step"] >= self.plan.total_steps:
             self.finished_state = resume
             return
+        from sdtrain.train.space import check_output_space
+
+        check_output_space(self.cfg, self.plan)  # before any weights load
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_resolved_config(self.cfg, resolved_config_path(self.cfg))
@@ -140,18 +139,43 @@ class Trainer:
         self.unet = self.models[0]
         if self.train_te:
             self.text_encoders = self.models[1:]  # through the DDP wrappers, so their gradients are all-reduced
-        register_state_hooks(self.accelerator)
         self.global_step = self._restore_state(*resume) if resume else 0
         self.lr_scheduler = self._setup_lr_scheduler(optimizer, self.global_step)
+
+    def _claim_output_dir(self) -> None:
+        """Lock the output folder for this run (a second run into it exits 2), then remove the temporaries of
+        killed writes and finish interrupted state saves (see `output_lock`, `state.recover_states`)."""
+        from sdtrain.train.output_lock import OutputDirBusy, lock_output_dir, remove_stale_temporaries
+        from sdtrain.train.state import recover_states, states_root
+
+        busy = None
+        if self.is_main:
+            try:
+                lock_output_dir(self.output_dir)
+            except OutputDirBusy as error:
+                busy = error
+        if self.plan.processes > 1:
+            flag = torch.tensor(float(busy is not None), device=self.accelerator.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() > 0 and busy is None:
+                busy = OutputDirBusy(f"train.output_dir {self.output_dir} is in use by another sdtrain run")
+        if busy is not None:
+            raise busy
+        if self.is_main:
+            for path in remove_stale_temporaries(self.output_dir, skip=[self.cfg.data.cache_dir]):
+                self.note(f"removed {path}, left by a write that was interrupted")
+            for note in recover_states(states_root(self.output_dir)):
+                self.note(note)
+        self.accelerator.wait_for_everyone()
 
     def _check_resume(self) -> tuple[Path, dict] | None:
         """(state folder, its trainer_state) for `resume`, checked against the config and plan; no weights load."""
         if not self.resume:
             return None
-        from sdtrain.train.state import check_resumable, find_state, read_state_info
+        from sdtrain.train.state import check_resumable, check_state_files, find_state, read_state_info
 
         folder, notes = find_state(self.output_dir, self.resume)
         info = read_state_info(folder)
+        check_state_files(folder)
         if self.cfg.model.arch == "auto":
             self._replan(info["arch"], quiet=True)  # the family the state's run found in the weights
         notes += check_resumable(info, self.cfg, self.plan)
@@ -317,7 +341,7 @@ class Trainer:
 
         check_base(info, self.base.fingerprint)
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        self.adapters.load_trainable_state_dict(load_training_state(self.accelerator, folder))
+        self.adapters.load_trainable_state_dict(load_training_state(self.accelerator, folder, self.optimizer))
         for group, values in zip(self.optimizer.param_groups, settings):
             group.update(values)
         if info.get("last_adapter"):
@@ -464,8 +488,7 @@ class Trainer:
         where = f"parameter group(s) {', '.join(groups)} hold NaN/inf" if groups else \
             "all parameter groups are finite; the loss itself overflowed (lower optimizer.lr, or use bf16/fp32)"
         what = f"loss is {bad.loss} at step {bad.step}" if bad else f"the adapter weights after step {self.global_step}"
-        last = f"the last good save is {self.last_save}" if self.last_save else "no adapter was saved yet"
-        raise TrainingDiverged(f"{what}: {where}; {last}")
+        raise TrainingDiverged(f"{what}: {where}; {last_finite(self.output_dir, self.last_save)}")
 
     def _mean_over_processes(self, values: torch.Tensor) -> torch.Tensor:
         if self.plan.processes == 1:
@@ -519,10 +542,11 @@ class Trainer:
         from sdtrain.export.adapter_file import save_adapter
 
         self.check_diverged()
+        path = self.adapter_path(None if final else step)
+        check_before_save(self, f"the adapter {path}")
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return None
-        path = self.adapter_path(None if final else step)
         save_adapter(self.adapters, path, dtype=self.cfg.save.dtype, metadata=self.metadata(step),
                      target=self.cfg.save.target)
         self.last_save = path
@@ -541,9 +565,11 @@ class Trainer:
         self.check_diverged()
         if self.state_step == self.global_step:  # a stop right after a periodic state: it is this one
             return self.result.state
+        check_before_save(self, "the training state")
         info = state_info(self.cfg, self.plan, self.global_step, self.base.fingerprint, self.last_save)
-        path = save_training_state(self.accelerator, self.output_dir, adapter_state=self.adapters.trainable_state_dict(),
-                                   info=info, keep_last=self.cfg.save.keep_last_states)
+        path = save_training_state(self.accelerator, self.output_dir, optimizer=self.optimizer,
+                                   adapter_state=self.adapters.trainable_state_dict(), info=info,
+                                   keep_last=self.cfg.save.keep_last_states)
         self.result.state, self.state_step = path, self.global_step
         return path
 
@@ -589,6 +615,22 @@ class Trainer:
         self.stop.request(reason, exit_code)
 
     def run(self) -> TrainResult:
+        """Train (building the components first when `setup` was not called); the output folder's lock is
+        released at the end, however the run ends."""
+        from sdtrain.files import write_fault
+        from sdtrain.train.output_lock import unlock_output_dir
+
+        try:
+            return self._run()
+        except OSError as error:  # a write the writers did not report themselves (logs, samples, caches)
+            fault = write_fault(error, error.filename or self.output_dir, kept="the files written so far are kept")
+            if fault is None:
+                raise
+            raise fault from error
+        finally:
+            unlock_output_dir(self.output_dir)
+
+    def _run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
         from sdtrain.train.logs import LossLog, tracker_hyperparameters

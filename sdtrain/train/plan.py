@@ -201,5 +201,11 @@ def describe_plan(plan: TrainingPlan, cfg) -> str:
         lines.append(plan.network_report)
     lines.append(f"loading: {cfg.data.num_workers} data loader worker process(es); UNet "
                  + ("under torch.compile (the first steps compile it)" if cfg.train.compile else "eager"))
+    from sdtrain.train.space import output_size
+
+    size = output_size(cfg, plan)
+    if size is not None:
+        lines.append(f"disk: about {size.total / 2**20:.1f} MiB in {cfg.train.output_dir} ({size.adapters} adapter "
+                     f"file(s), {size.states} training state(s) at once)")
     lines.extend(f"warning: {w}" for w in plan.warnings)
     return "\n".join(lines)

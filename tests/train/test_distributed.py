@@ -80,3 +80,31 @@ def test_unsynchronised_processes_are_detected(tmp_path):
                           timeout=300)
     assert done.returncode != 0
     assert "no gradient sync" in done.stderr
+
+
+# The bound of 2 processes x batch 1 against 1 process x batch 2 with AdamW8bit (6 steps, lr 2e-3): the
+# all-reduced mean gradient differs from the one-process mean in the last bits (another summation order);
+# Adam divides by sqrt(v), so entries whose gradient is near zero turn that into visible update differences,
+# and the 8-bit state's quantisation can move such an entry to a neighbouring code. Measured: a largest
+# per-tensor relative difference ||two - one|| / ||one|| of 1.8e-4 (README, "Multi-GPU").
+ADAMW8BIT_BOUND = 2e-3
+
+
+def test_two_processes_adamw8bit_within_the_documented_bound(tmp_path):
+    steps = 6
+    config = write_config(tmp_path, "ddp8", count=4, steps=steps)
+    torchrun(config, "--set", "train.batch_size=1", "--set", "save.state_every_n_steps=0")
+    two = load_file(str(tmp_path / "ddp8" / "run.safetensors"))
+    single = run(write_config(tmp_path, "single8", count=4, steps=steps),
+                 ["train.batch_size=2", "save.state_every_n_steps=0"])
+    one = load_file(str(single.result.final_adapter))
+    assert two.keys() == one.keys()
+    relative = {key: ((two[key].double() - one[key].double()).norm() / one[key].double().norm()).item()
+                for key in one if one[key].double().norm() > 0}
+    worst = max(relative.values())
+    print(f"AdamW8bit, 2 processes vs 1: largest per-tensor relative difference {worst:.3g}, "
+          f"{sum(r > 1e-4 for r in relative.values())}/{len(relative)} tensors beyond 1e-4")
+    assert worst <= ADAMW8BIT_BOUND, sorted(relative.items(), key=lambda kv: -kv[1])[:5]
+    # the bound is small against what training moved: lora_up starts at zero
+    moved = max(one[k].abs().max().item() for k in one if k.endswith("lora_up.weight"))
+    assert moved > 1e-3

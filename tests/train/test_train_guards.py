@@ -53,3 +53,62 @@ def test_init_from_onetrainer_style_input_axis_file(tmp_path):
     assert not trainer.optimizer.state  # fresh optimizer state
     trainer.run()
     assert trainer.result.final_adapter.is_file()
+
+
+class PoisonAndStopAt(TrainerCallback):
+    """NaN into one unet parameter after step `step` (after that step's saves); with `stop`, Ctrl+C then."""
+
+    def __init__(self, step: int, stop: bool = False):
+        self.step, self.stop = step, stop
+
+    def on_step_end(self, trainer, step, loss):
+        if step == self.step:
+            with torch.no_grad():
+                next(iter(trainer.adapters.parameters("unet"))).fill_(math.nan)
+            if self.stop:
+                trainer.request_stop("the test")
+
+
+@pytest.mark.parametrize("case", ["last-step", "stop"])
+def test_divergence_writes_nothing_and_names_the_last_finite_state(tmp_path, case):
+    """Weights that turn NaN after the last step (no loss is computed after it), or before a stop's save: the
+    run raises TrainingDiverged (exit code 2), writes no adapter and no state, keeps the last finite state
+    (save.keep_last_states = 1 would have deleted it) and names it exactly."""
+    from sdtrain.train.divergence import non_finite_groups
+    from sdtrain.train.state import complete_states, states_root
+
+    config = write_config(tmp_path, "diverged", steps=8)
+    callback = PoisonAndStopAt(8) if case == "last-step" else PoisonAndStopAt(7, stop=True)
+    with pytest.raises(TrainingDiverged) as error:
+        run(config, ["save.keep_last_states=1"], callbacks=[callback])
+    assert error.value.exit_code == 2
+    root = states_root(tmp_path / "diverged")
+    last = root / "step-00000005"
+    message = str(error.value)
+    assert "parameter group(s) unet hold NaN/inf" in message
+    assert f"the last finite training state is {last}: resume it with --resume {last}" in message
+    assert [p.name for p in complete_states(root)[0]] == [last.name]
+    assert all(torch.isfinite(t).all() for t in load_file(str(last / "adapters.safetensors")).values())
+    assert not (tmp_path / "diverged" / "run.safetensors").exists()
+    assert not list((tmp_path / "diverged").glob("run-step*.safetensors"))
+
+    class Adapters:  # the check on its own: a finite adapter passes
+        groups = {"a": "unet"}
+
+        def parameters(self, group):
+            return [torch.ones(3)]
+
+    assert non_finite_groups(Adapters()) == []
+
+
+def test_runaway_learning_rate_exits_2_from_the_command_line(tmp_path, capsys):
+    """optimizer.lr = 1e30 diverges in the first steps: exit code 2, sdtrain's message, no traceback, no
+    adapter written."""
+    from sdtrain.cli import main
+
+    config = write_config(tmp_path, "runaway", steps=6)
+    assert main(["train", config, "--set", "optimizer.lr=1e30", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("NaN" in err or "nan" in err or "inf" in err), err
+    assert "no training state was written yet" in err or "the last finite training state is" in err
+    assert not (tmp_path / "runaway" / "run.safetensors").exists()
