@@ -43,7 +43,7 @@ def test_sd15_clip_skip_2_matches_diffusers(sd15):
 
 @torch.no_grad()
 def test_long_prompt_truncated_like_diffusers(sd15):
-    assert tokenize(sd15.tokenizer, [LONG]).shape == (1, 77)
+    assert tokenize(sd15.tokenizer, [LONG]).shape == (1, 1, 77)
     cond = encode_prompts("sd15", [sd15.tokenizer], [sd15.text_encoder], [LONG])
     torch.testing.assert_close(cond.prompt_embeds, _sd15_reference(sd15, [LONG]), rtol=0, atol=0)
 
