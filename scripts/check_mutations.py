@@ -61,6 +61,8 @@ MUTATIONS = [
              (f"{WIRING}::test_multires_noise_and_input_perturbation_reach_the_step",)),
     Mutation("zero-terminal-snr", "sdtrain/train/loop.py", "        if train.zero_terminal_snr:\n", "        if False:\n",
              (f"{WIRING}::test_zero_terminal_snr_and_the_timestep_draw_reach_the_step",)),
+    Mutation("zero-terminal-snr-samples", "sdtrain/train/sampling.py", 'overrides["timestep_spacing"] = "trailing"',
+             "pass", ("tests/train/test_sampling.py::test_zero_terminal_snr_samples_start_from_pure_noise",)),
     Mutation("timestep-sampling", "sdtrain/train/loop.py", "sampling=cfg.train.timestep_sampling,", 'sampling="uniform",',
              (f"{WIRING}::test_zero_terminal_snr_and_the_timestep_draw_reach_the_step",)),
     Mutation("logit-mean-std", "sdtrain/train/loop.py",

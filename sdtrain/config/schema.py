@@ -193,7 +193,7 @@ class TrainConfig:
                                     "the target leaves out (kohya ip_noise_gamma; 0.1 is common; 0 = off).")
     zero_terminal_snr: bool = setting(False, Bool(), "Rescale the noise schedule so the last timestep is pure noise "
                                       "(diffusers rescale_betas_zero_snr; kohya zero_terminal_snr); for v-prediction "
-                                      "models; samples use the rescaled schedule too.")
+                                      "models; samples use the rescaled schedule too, from the last timestep (trailing spacing).")
     timestep_sampling: str = setting("uniform", Choice(TIMESTEP_SAMPLINGS),
                                      "How training timesteps are drawn between min_timestep and max_timestep: "
                                      "\"uniform\", or \"logit_normal\" (the sigmoid of a normal draw; "

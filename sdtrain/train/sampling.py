@@ -2,7 +2,8 @@
 
 A diffusers `StableDiffusionPipeline` / `StableDiffusionXLPipeline` is built around the very UNet, VAE and text
 encoders being trained (adapters injected, nothing copied), with the chosen sampler's scheduler made `from_config`
-of the model's scheduler config (so a schedule rescaled to zero terminal SNR samples rescaled too). Prompts are
+of the model's scheduler config (a schedule rescaled to zero terminal SNR samples rescaled too, with "trailing"
+timestep spacing so that the first step starts from pure noise at the last timestep). Prompts are
 encoded with `conditioning.encode_prompts` (so `clip_skip` and `max_token_length` match training: prompts up to
 225 tokens, in windows of 75) and passed as embeddings; the negative prompt is encoded to the same length. For
 SDXL an empty negative prompt gives zero embeddings, as diffusers' SDXL pipeline does by default
@@ -44,6 +45,9 @@ def sampler_scheduler(sampler: str, scheduler_config):
     # DDIM (like DDPM) defaults to clipping x0 to [-1, 1], which is wrong for latents; configs passed through a
     # DDPMScheduler carry that default, so it is always turned off.
     overrides = {"clip_sample": False} if sampler == "ddim" else {}
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        # a zero-terminal-SNR schedule samples from its last timestep, pure noise (Lin et al. 2024, section 3.3)
+        overrides["timestep_spacing"] = "trailing"
     return getattr(diffusers, SAMPLERS[sampler]).from_config(scheduler_config, **overrides)
 
 
