@@ -45,3 +45,10 @@ def test_dry_run_shows_noise_timestep_weight_and_text_settings(tmp_path, capsys)
     assert "warning: train.zero_terminal_snr with an epsilon-prediction model" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="train.scale_v_pred_loss_like_noise_pred"):
         load_config(config, ["model.prediction_type=epsilon", "train.scale_v_pred_loss_like_noise_pred=true"])
+    with pytest.raises(ConfigError, match="'train.debiased_estimation_loss'.*infinite at the last timestep"):
+        load_config(config, ["model.prediction_type=epsilon", "train.zero_terminal_snr=true",
+                             "train.debiased_estimation_loss=true"])
+    notes = []
+    load_config(config, ["train.logit_std=2", "train.multires_noise_discount=0.5"], notes=notes)
+    assert any("train.logit_std = 2 has no effect" in n for n in notes)
+    assert any("train.multires_noise_discount = 0.5 has no effect" in n for n in notes)
