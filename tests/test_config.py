@@ -23,14 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The key names other parts of sdtrain read; written out by hand so a rename fails here.
 EXPECTED_KEYS = """
-model.path model.arch model.vae model.config_dir model.prediction_type model.clip_skip model.allow_pickle
-model.revision model.variant
+model.path model.arch model.vae model.config_dir model.prediction_type model.clip_skip model.max_token_length
+model.allow_pickle model.revision model.variant
 data.resolution data.caption_extension data.min_bucket_side data.max_bucket_side data.bucket_step data.no_upscale
 data.cache_latents data.cache_dir data.cache_text_encoder_outputs data.num_workers data.subsets
 data.subsets.N.path data.subsets.N.repeats data.subsets.N.is_reg data.subsets.N.caption_extension
 data.subsets.N.shuffle_tags data.subsets.N.keep_tokens data.subsets.N.keep_tokens_separator
 data.subsets.N.tag_separator data.subsets.N.caption_dropout data.subsets.N.tag_dropout data.subsets.N.flip
-data.subsets.N.random_crop data.subsets.N.class_caption
+data.subsets.N.random_crop data.subsets.N.class_caption data.subsets.N.caption_prefix data.subsets.N.caption_suffix
+data.subsets.N.wildcards
 network.type network.rank network.alpha network.decompose_axis network.detach_norm network.preset network.include
 network.exclude network.conv_rank network.conv_alpha network.train_unet network.train_text_encoder
 optimizer.type optimizer.lr optimizer.unet_lr optimizer.text_encoder_lr optimizer.text_encoder_2_lr
@@ -38,7 +39,9 @@ optimizer.weight_decay optimizer.betas optimizer.eps optimizer.args
 scheduler.type scheduler.warmup_steps scheduler.num_cycles scheduler.power
 train.max_steps train.epochs train.batch_size train.gradient_accumulation_steps train.max_grad_norm
 train.mixed_precision train.gradient_checkpointing train.compile train.seed train.loss train.huber_c train.min_snr_gamma
-train.noise_offset train.min_timestep train.max_timestep train.output_dir train.output_name
+train.debiased_estimation_loss train.scale_v_pred_loss_like_noise_pred train.prior_loss_weight train.noise_offset
+train.multires_noise_iterations train.multires_noise_discount train.ip_noise_gamma train.zero_terminal_snr
+train.timestep_sampling train.logit_mean train.logit_std train.timestep_shift train.min_timestep train.max_timestep train.output_dir train.output_name
 save.every_n_steps save.every_n_epochs save.keep_last save.dtype save.state_every_n_steps save.keep_last_states
 save.target save.targets
 sample.every_n_steps sample.prompts sample.sampler sample.steps sample.cfg_scale sample.seed
@@ -98,14 +101,17 @@ def test_choices_come_from_the_modules_that_implement_them():
     from sdtrain.train.loss import LOSS_KINDS, diffusion_loss
     from sdtrain.train.optim import OPTIMIZER_TYPES, SCHEDULER_TYPES
     from sdtrain.train.sampling import SAMPLERS, sampler_scheduler
+    from sdtrain.train.timesteps import TIMESTEP_SAMPLINGS, draw_timesteps
 
     assert _choices("optimizer.type") is OPTIMIZER_TYPES and _choices("scheduler.type") is SCHEDULER_TYPES
-    assert _choices("train.loss") is LOSS_KINDS
+    assert _choices("train.loss") is LOSS_KINDS and _choices("train.timestep_sampling") is TIMESTEP_SAMPLINGS
     assert _choices("network.type") is TYPES and _choices("network.decompose_axis") is AXES
     assert _choices("network.preset") == tuple(PRESETS) and _choices("sample.sampler") == tuple(SAMPLERS)
     # and the owners implement every choice they list
     for kind in LOSS_KINDS:
         diffusion_loss(torch.zeros(1, 2), torch.ones(1, 2), kind)
+    for sampling in TIMESTEP_SAMPLINGS:
+        draw_timesteps(2, None, 0, 1000, sampling)
     for name in SAMPLERS:
         sampler_scheduler(name, {"num_train_timesteps": 1000})
     unet = _meta_unet(tiny_configs("sd15")[0])

@@ -248,3 +248,35 @@ batch_size = 2
     assert code == 0
     assert f"note: {dataset}: kohya dataset config read as 1 data.subsets" in captured.err
     assert (tmp_path / "out" / "cli.safetensors").is_file()
+
+
+def test_kohya_noise_timestep_and_caption_options(config, tmp_path):
+    cfg = load_config(config("""
+multires_noise_iterations = 6
+multires_noise_discount = 0.4
+ip_noise_gamma = 0.1
+zero_terminal_snr = true
+v_parameterization = true
+debiased_estimation_loss = true
+scale_v_pred_loss_like_noise_pred = true
+prior_loss_weight = 0.5
+min_timestep = 100
+max_timestep = 900
+max_token_length = 225
+caption_prefix = "sks,"
+caption_suffix = ", best"
+enable_wildcard = true
+"""))
+    t = cfg.train
+    assert (t.multires_noise_iterations, t.multires_noise_discount, t.ip_noise_gamma) == (6, 0.4, 0.1)
+    assert t.zero_terminal_snr and t.debiased_estimation_loss and t.scale_v_pred_loss_like_noise_pred
+    assert (t.prior_loss_weight, t.min_timestep, t.max_timestep) == (0.5, 100, 900)
+    assert cfg.model.max_token_length == 225 and cfg.model.prediction_type == "v_prediction"
+    subset = cfg.data.subsets[0]
+    assert (subset.caption_prefix, subset.caption_suffix, subset.wildcards) == ("sks,", ", best", True)
+    with pytest.raises(ConfigError, match="model.max_token_length"):
+        load_config(config("max_token_length = 100\n"))
+    dataset = write_dataset(tmp_path, '[general]\nenable_wildcard = true\ncaption_prefix = "p"\n[[datasets]]\n'
+                                      '[[datasets.subsets]]\nimage_dir = "data"\ncaption_suffix = "s"\n')
+    subset = load_config(config(), dataset_config=dataset).data.subsets[0]
+    assert (subset.caption_prefix, subset.caption_suffix, subset.wildcards) == ("p", "s", True)

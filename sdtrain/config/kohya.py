@@ -142,6 +142,16 @@ OPTIONS: dict[str, KohyaOption] = {
     "seed": KohyaOption("train.seed"),
     "noise_offset": KohyaOption("train.noise_offset"),
     "min_snr_gamma": KohyaOption("train.min_snr_gamma"),
+    "debiased_estimation_loss": KohyaOption("train.debiased_estimation_loss"),
+    "scale_v_pred_loss_like_noise_pred": KohyaOption("train.scale_v_pred_loss_like_noise_pred"),
+    "prior_loss_weight": KohyaOption("train.prior_loss_weight"),
+    "multires_noise_iterations": KohyaOption("train.multires_noise_iterations"),
+    "multires_noise_discount": KohyaOption("train.multires_noise_discount"),
+    "ip_noise_gamma": KohyaOption("train.ip_noise_gamma"),
+    "zero_terminal_snr": KohyaOption("train.zero_terminal_snr"),
+    "min_timestep": KohyaOption("train.min_timestep"),
+    "max_timestep": KohyaOption("train.max_timestep"),
+    "max_token_length": KohyaOption("model.max_token_length"),
     "output_dir": KohyaOption("train.output_dir"),
     "output_name": KohyaOption("train.output_name"),
     "save_every_n_steps": KohyaOption("save.every_n_steps"),
@@ -167,6 +177,9 @@ OPTIONS: dict[str, KohyaOption] = {
     "random_crop": KohyaOption(SUBSETS + "random_crop"),
     "caption_dropout_rate": KohyaOption(SUBSETS + "caption_dropout"),
     "caption_tag_dropout_rate": KohyaOption(SUBSETS + "tag_dropout"),
+    "caption_prefix": KohyaOption(SUBSETS + "caption_prefix"),
+    "caption_suffix": KohyaOption(SUBSETS + "caption_suffix"),
+    "enable_wildcard": KohyaOption(SUBSETS + "wildcards"),
 }
 
 # kohya names with no one-to-one key, for "did you mean" only.
@@ -273,6 +286,9 @@ _SUBSET_KEYS = {  # kohya subset key -> sdtrain subset key
     "random_crop": "random_crop",
     "caption_dropout_rate": "caption_dropout",
     "caption_tag_dropout_rate": "tag_dropout",
+    "caption_prefix": "caption_prefix",
+    "caption_suffix": "caption_suffix",
+    "enable_wildcard": "wildcards",
 }
 _DATASET_KEYS = {  # kohya dataset key -> sdtrain dotted key
     "resolution": "data.resolution",
@@ -281,13 +297,13 @@ _DATASET_KEYS = {  # kohya dataset key -> sdtrain dotted key
     "max_bucket_reso": "data.max_bucket_side",
     "bucket_reso_steps": "data.bucket_step",
     "bucket_no_upscale": "data.no_upscale",
+    "prior_loss_weight": "train.prior_loss_weight",
 }
 # kohya keys sdtrain has no equivalent of, with kohya's default: accepted (and ignored) only at that value.
 _KOHYA_DEFAULTS = {
-    "color_aug": False, "face_crop_aug_range": None, "caption_prefix": None,
-    "caption_suffix": None, "caption_dropout_every_n_epochs": 0, "token_warmup_min": 1, "token_warmup_step": 0,
-    "secondary_separator": None, "enable_wildcard": False, "alpha_mask": False, "network_multiplier": 1.0,
-    "prior_loss_weight": 1.0,
+    "color_aug": False, "face_crop_aug_range": None,
+    "caption_dropout_every_n_epochs": 0, "token_warmup_min": 1, "token_warmup_step": 0,
+    "secondary_separator": None, "alpha_mask": False, "network_multiplier": 1.0,
 }
 _ANY_VALUE = {"cache_info": "sdtrain scans every image itself", "debug_dataset": "sdtrain has --dry-run"}
 _REFUSED = {

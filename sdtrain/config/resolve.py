@@ -207,6 +207,31 @@ class Resolver:
             self.fail("scheduler.warmup_steps", f"{s.warmup_steps} is not below train.max_steps ({t.max_steps})")
         if t.min_timestep >= t.max_timestep:
             self.fail("train.min_timestep", f"{t.min_timestep} must be below train.max_timestep ({t.max_timestep})")
+        self.noise_and_weights()
+
+    def noise_and_weights(self):
+        """Loss weights that need v-prediction (when the config says the model predicts epsilon; "auto" is
+        checked once the model is loaded), and timestep settings that do nothing."""
+        from sdtrain.errors import ConfigError
+        from sdtrain.train.loss_weights import prediction_notes
+
+        t, m = self.c.train, self.c.model
+        if m.prediction_type == "epsilon":
+            try:
+                prediction_notes("epsilon", zero_terminal_snr=t.zero_terminal_snr,
+                                 debiased_estimation=t.debiased_estimation_loss,
+                                 scale_v_pred_loss_like_noise_pred=t.scale_v_pred_loss_like_noise_pred)
+            except ConfigError as exc:
+                self.fail("train.scale_v_pred_loss_like_noise_pred" if t.scale_v_pred_loss_like_noise_pred
+                          else "train.debiased_estimation_loss", str(exc))
+        if t.timestep_sampling != "logit_normal":
+            for key, default in (("logit_mean", 0.0), ("logit_std", 1.0)):
+                if getattr(t, key) != default:
+                    self.note(f"train.{key} = {getattr(t, key):g} has no effect with train.timestep_sampling = "
+                              f'"{t.timestep_sampling}" (it shapes "logit_normal" timesteps)')
+        if not t.multires_noise_iterations and t.multires_noise_discount != 0.3:
+            self.note(f"train.multires_noise_discount = {t.multires_noise_discount:g} has no effect while "
+                      "train.multires_noise_iterations = 0 (multires noise is off)")
 
     # ------------------------------------------------------------ outputs
 

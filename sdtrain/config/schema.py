@@ -35,6 +35,7 @@ from sdtrain.limits import MAX_CFG_SCALE, MAX_RANK, MAX_REPEATS, MAX_SAMPLE_STEP
 from sdtrain.train.loss import LOSS_KINDS
 from sdtrain.train.optim import OPTIMIZER_TYPES, SCHEDULER_TYPES
 from sdtrain.train.sampling import SAMPLERS
+from sdtrain.train.timesteps import TIMESTEP_SAMPLINGS
 
 ARCHS = ("auto", "sd15", "sd2", "sdxl")
 BUILTIN_MODELS = {"builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl"}
@@ -68,6 +69,10 @@ class ModelConfig:
     prediction_type: str = setting("auto", Choice(("auto", "epsilon", "v_prediction")),
                                    "What the UNet predicts; \"auto\" reads it from the model's scheduler config.")
     clip_skip: int = setting(1, Int(min=1, max=12), "Use the output of the N-th last text-encoder layer (1 = last, 2 = kohya/A1111 \"clip skip 2\").")
+    max_token_length: int = setting(75, Int(min=75, max=225, multiple_of=75),
+                                    "Longest caption and sample prompt in tokens (kohya max_token_length): 75 is CLIP's one "
+                                    "window; 150 or 225 encode 2 or 3 windows of 75 and concatenate them, as kohya and "
+                                    "A1111 do. Longer text is cut.")
     allow_pickle: bool = setting(False, Bool(), "Allow loading pickled .ckpt/.pt/.bin files, which can run code; only for files you trust.")
     revision: str | None = setting(None, Str(nonempty=True), "Hub revision (branch, tag or commit) of a hub model.")
     variant: str | None = setting(None, Str(nonempty=True), "Weight variant of a hub model or diffusers folder, e.g. \"fp16\" (files *.fp16.safetensors).")
@@ -113,6 +118,11 @@ class SubsetConfig:
                                 "time it is used, instead of the centre (kohya random_crop); needs data.cache_latents = false.")
     class_caption: str | None = setting(None, Str(), "Caption used for images that have no caption file.",
                                         default_doc="none: an image without a caption file trains with an empty caption (the dry run counts them)")
+    caption_prefix: str = setting("", Str(), "Text put before every caption of this subset, with a space (kohya caption_prefix), "
+                                  "e.g. a trigger word; kept by keep_tokens = 1 when it ends with the tag separator.")
+    caption_suffix: str = setting("", Str(), "Text put after every caption of this subset, with a space (kohya caption_suffix).")
+    wildcards: bool = setting(False, Bool(), "Wildcard captions (kohya enable_wildcard): each use of a caption picks one of "
+                              "its file's non-empty lines and one alternative of every {a|b|c}; {{ and }} are literal braces.")
 
 
 @dataclass
@@ -173,7 +183,31 @@ class TrainConfig:
     loss: str = setting("l2", Choice(LOSS_KINDS), "Loss between prediction and target.")
     huber_c: float = setting(0.1, Float(min=0, min_open=True), "Huber loss threshold.")
     min_snr_gamma: float = setting(0.0, Float(min=0), "Min-SNR loss weighting gamma (5 is common; 0 = off).")
+    debiased_estimation_loss: bool = setting(False, Bool(), "Weight each sample's loss by 1/sqrt(SNR) (epsilon) or 1/(SNR+1) "
+                                             "(v-prediction) of its timestep (kohya debiased_estimation_loss).")
+    scale_v_pred_loss_like_noise_pred: bool = setting(False, Bool(), "v-prediction only: weight each sample's loss by "
+                                                      "SNR/(SNR+1), which makes it an epsilon loss (kohya's option of this name).")
+    prior_loss_weight: float = setting(1.0, Float(min=0), "Loss weight of regularisation images (subsets with is_reg; kohya prior_loss_weight).")
     noise_offset: float = setting(0.0, Float(min=0), "Noise offset for darker/brighter images (0.0357 is common; 0 = off).")
+    multires_noise_iterations: int = setting(0, Int(min=0, max=64), "Multires (pyramid) noise: add this many levels of "
+                                             "coarser noise (kohya multires_noise_iterations; 6-10 is common; 0 = off).")
+    multires_noise_discount: float = setting(0.3, Float(min=0, max=1, min_open=True),
+                                             "Strength of each coarser multires noise level relative to the one before "
+                                             "(kohya multires_noise_discount).")
+    ip_noise_gamma: float = setting(0.0, Float(min=0), "Input perturbation: the noisy latents get gamma x extra noise that "
+                                    "the target leaves out (kohya ip_noise_gamma; 0.1 is common; 0 = off).")
+    zero_terminal_snr: bool = setting(False, Bool(), "Rescale the noise schedule so the last timestep is pure noise "
+                                      "(diffusers rescale_betas_zero_snr; kohya zero_terminal_snr); for v-prediction "
+                                      "models; samples use the rescaled schedule too, from the last timestep (trailing spacing).")
+    timestep_sampling: str = setting("uniform", Choice(TIMESTEP_SAMPLINGS),
+                                     "How training timesteps are drawn between min_timestep and max_timestep: "
+                                     "\"uniform\", or \"logit_normal\" (the sigmoid of a normal draw; "
+                                     "logit_mean and logit_std).")
+    logit_mean: float = setting(0.0, Float(), "Mean of the normal draw of \"logit_normal\" timesteps (> 0: noisier).")
+    logit_std: float = setting(1.0, Float(min=0, min_open=True), "Standard deviation of the normal draw of \"logit_normal\" timesteps.")
+    timestep_shift: float = setting(1.0, Float(min=0, min_open=True), "Shift of the timestep draw u in (0, 1) to "
+                                    "s*u/(1+(s-1)*u): above 1 trains more at noisy timesteps, below 1 at detailed ones "
+                                    "(1 = off).")
     min_timestep: int = setting(0, Int(min=0, max=999), "Lowest training timestep.")
     max_timestep: int = setting(1000, Int(min=1, max=1000), "Highest training timestep (exclusive).")
     output_dir: str = setting("output", Path("output_dir"), "Folder for adapters, states, samples and the resolved config.")

@@ -5,17 +5,28 @@ stripped of surrounding whitespace. A file that is not valid UTF-8 is NOT decode
 characters: `read_caption` raises `UnreadableCaption` and the image is skipped and listed with the reason
 (garbled text in a caption would silently teach the model wrong words). An empty file is an empty caption.
 
-Augmentation (`augment_caption`) follows kohya's order: caption dropout first (the whole caption becomes
-""); otherwise, when tag shuffling or tag dropout is on, the caption is split on `tag_separator` into
-stripped, non-empty tags, the fixed tags are kept in place, the others are shuffled and then each is
-dropped with probability `tag_dropout`; the result is joined with ", " (kohya always joins with ", ").
-Fixed tags: with `keep_tokens_separator` present in the caption, the part before it (and the part after a
-second separator, as a fixed suffix); otherwise the first `keep_tokens` tags.
+With `wildcards` a caption file keeps all its non-empty lines (joined with "\n"), and each use of the
+caption picks one of them.
+
+Augmentation (`augment_caption`) follows kohya's order (kohya-ss/sd-scripts `library/train_util.py`
+`process_caption`, commit 48d368f): caption dropout first (the whole caption becomes ""); otherwise, with
+`wildcards`, one line is chosen; the subset's `prefix` and `suffix` are joined to it with a space; with
+`wildcards`, every `{a|b|c}` is replaced by one of its alternatives, left to right (`{{` and `}}` are literal
+braces); then, when tag shuffling or tag dropout is on, the caption is split on `tag_separator` into stripped,
+non-empty tags, the fixed tags are kept in place, the others are shuffled and then each is dropped with
+probability `tag_dropout`; the result is joined with ", " (kohya always joins with ", "). Fixed tags: with
+`keep_tokens_separator` present in the caption, the part before it (and the part after a second separator, as a
+fixed suffix); otherwise the first `keep_tokens` tags. Every choice is drawn from the sample's own rng.
+kohya joins the prefix and suffix to a multi-line caption before choosing a line (so they reach only the first
+and the last line); here they join the chosen line.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +34,10 @@ from pathlib import Path
 # (kohya's max_token_length), a few hundred characters; a longer first line is a mistake, and keeping it would
 # tokenise it on every use and copy it into the adapter's metadata.
 MAX_CAPTION_CHARS = 2048
+MAX_CAPTION_LINES = 64  # lines kept from a wildcard caption file
+MAX_CACHED_VARIANTS = 256  # wildcard variants of one caption a text-encoder cache holds
 _READ_LIMIT = 4 * MAX_CAPTION_CHARS + 16  # UTF-8: at most 4 bytes a character, plus a byte-order mark and blank lines
+_WILDCARD = re.compile(r"\{\{|\}\}|\{([^}]+)\}")
 _UTF8_BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
@@ -44,7 +58,8 @@ class CaptionOptions:
     shuffle_tags [shuffle_caption], keep_tokens [keep_tokens], keep_tokens_separator
     [keep_tokens_separator, "" = off], tag_separator [caption_separator], caption_dropout
     [caption_dropout_rate], tag_dropout [caption_tag_dropout_rate], class_caption [class_tokens]: the caption
-    of an image without a caption file (default: the name part of a kohya `N_name` folder).
+    of an image without a caption file (default: the name part of a kohya `N_name` folder), prefix
+    [caption_prefix, "" = none], suffix [caption_suffix], wildcards [enable_wildcard].
     """
 
     shuffle_tags: bool = False
@@ -54,6 +69,9 @@ class CaptionOptions:
     caption_dropout: float = 0.0
     tag_dropout: float = 0.0
     class_caption: str | None = None
+    prefix: str = ""
+    suffix: str = ""
+    wildcards: bool = False
 
     def __post_init__(self):
         from sdtrain.errors import ConfigError
@@ -68,22 +86,24 @@ class CaptionOptions:
             raise ConfigError('tag_separator is empty; use the character that separates tags, e.g. ","')
 
 
-def read_caption(path) -> str:
-    """First non-empty line of a UTF-8 caption file, stripped, cut to `MAX_CAPTION_CHARS`; raises
-    UnreadableCaption."""
-    return read_caption_checked(path)[0]
+def read_caption(path, all_lines: bool = False) -> str:
+    """First non-empty line of a UTF-8 caption file, stripped, cut to `MAX_CAPTION_CHARS`; with `all_lines`,
+    every non-empty line so (at most `MAX_CAPTION_LINES`), joined with "\n". Raises UnreadableCaption."""
+    return read_caption_checked(path, all_lines)[0]
 
 
-def read_caption_checked(path) -> tuple[str, bool]:
-    """`read_caption`, and whether the caption was cut. Only the file's first `_READ_LIMIT` bytes are read."""
+def read_caption_checked(path, all_lines: bool = False) -> tuple[str, bool]:
+    """`read_caption`, and whether the caption was cut. Only the file's first `_READ_LIMIT` bytes are read
+    (`MAX_CAPTION_LINES` times as many with `all_lines`)."""
     path = Path(path)
+    limit = _READ_LIMIT * (MAX_CAPTION_LINES if all_lines else 1)
     try:
         with open(path, "rb") as handle:
-            data = handle.read(_READ_LIMIT + 1)
+            data = handle.read(limit + 1)
     except OSError as exc:
         raise UnreadableCaption(path, f"cannot read caption file ({exc.strerror or exc})") from exc
-    more = len(data) > _READ_LIMIT
-    data = data[:_READ_LIMIT]
+    more = len(data) > limit
+    data = data[:limit]
     if data.startswith(_UTF8_BOM):
         data = data[len(_UTF8_BOM):]
     try:
@@ -97,11 +117,12 @@ def read_caption_checked(path) -> tuple[str, bool]:
                 path,
                 f"caption file is not valid UTF-8 at byte {exc.start}{hint}; re-save it as UTF-8",
             ) from exc
-    for line in text.splitlines():
-        if line.strip():
-            line = line.strip()
-            return line[:MAX_CAPTION_CHARS], len(line) > MAX_CAPTION_CHARS
-    return "", False
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not all_lines:
+        lines = lines[:1]
+    kept = lines[:MAX_CAPTION_LINES]
+    cut = len(lines) > len(kept) or any(len(line) > MAX_CAPTION_CHARS for line in kept)
+    return "\n".join(line[:MAX_CAPTION_CHARS] for line in kept), cut
 
 
 def split_tags(text: str, separator: str) -> list[str]:
@@ -126,10 +147,47 @@ def fixed_and_free_tags(caption: str, options: CaptionOptions) -> tuple[list[str
     return tags[: options.keep_tokens], tags[options.keep_tokens:], []
 
 
+def with_prefix_suffix(caption: str, options: CaptionOptions) -> str:
+    """kohya's caption_prefix / caption_suffix: joined to the caption with a space."""
+    if options.prefix:
+        caption = options.prefix + " " + caption
+    if options.suffix:
+        caption = caption + " " + options.suffix
+    return caption
+
+
+def wildcard_parts(text: str) -> list[str | list[str]]:
+    """`text` as literal pieces and lists of alternatives (one per `{a|b|c}`; `{{` and `}}` are literal braces)."""
+    parts: list[str | list[str]] = []
+    position = 0
+    for match in _WILDCARD.finditer(text):
+        parts.append(text[position:match.start()])
+        token = match.group(0)
+        parts.append("{" if token == "{{" else "}" if token == "}}" else match.group(1).split("|"))
+        position = match.end()
+    parts.append(text[position:])
+    return parts
+
+
+def _choose_line(caption: str, options: CaptionOptions, rng: random.Random) -> str:
+    if options.wildcards and "\n" in caption:
+        return rng.choice(caption.split("\n"))
+    return caption
+
+
+def _expand(line: str, options: CaptionOptions, rng: random.Random) -> str:
+    """The line with prefix and suffix, its wildcards chosen with `rng`."""
+    line = with_prefix_suffix(line, options)
+    if not options.wildcards:
+        return line
+    return "".join(part if isinstance(part, str) else rng.choice(part) for part in wildcard_parts(line))
+
+
 def augment_caption(caption: str, options: CaptionOptions, rng: random.Random) -> str:
     """One training-time version of `caption` (see module docstring for the rules)."""
     if options.caption_dropout > 0 and rng.random() < options.caption_dropout:
         return ""
+    caption = _expand(_choose_line(caption, options, rng), options, rng)
     if not (options.shuffle_tags or options.tag_dropout > 0):
         return caption
     prefix, free, suffix = fixed_and_free_tags(caption, options)
@@ -149,8 +207,27 @@ def needs_live_encoding(options: CaptionOptions) -> bool:
     return options.shuffle_tags or options.tag_dropout > 0
 
 
+def caption_variants(caption: str, options: CaptionOptions) -> list[str]:
+    """Every text a caption turns into through its line choice, prefix, suffix and wildcards (before caption
+    dropout and tag shuffling / dropout), in order, without repeats."""
+    lines = caption.split("\n") if options.wildcards else [caption]
+    variants: dict[str, None] = {}
+    for line in lines:
+        text = with_prefix_suffix(line, options)
+        parts = [[p] if isinstance(p, str) else p for p in wildcard_parts(text)] if options.wildcards else [[text]]
+        if len(variants) + math.prod(len(p) for p in parts) > MAX_CACHED_VARIANTS:
+            from sdtrain.errors import ConfigError
+
+            raise ConfigError(f"the caption {caption!r} has more than {MAX_CACHED_VARIANTS} wildcard variants, too "
+                              "many to cache their text-encoder outputs; set data.cache_text_encoder_outputs = false "
+                              "or use fewer {a|b} alternatives")
+        variants.update(dict.fromkeys("".join(choice) for choice in itertools.product(*parts)))
+    return list(variants)
+
+
 def cacheable_captions(caption: str, options: CaptionOptions) -> list[str]:
     """Every caption text `augment_caption` can produce when `needs_live_encoding` is False."""
     if needs_live_encoding(options):
         raise ValueError("captions with tag shuffling or tag dropout have no finite variant list")
-    return [caption, ""] if options.caption_dropout > 0 else [caption]
+    variants = caption_variants(caption, options)
+    return variants + [""] if options.caption_dropout > 0 and "" not in variants else variants

@@ -232,7 +232,7 @@ def _scan_image(path: Path, folder: ImageFolder, spec: SubsetSpec, bucketing: Bu
         return SkippedFile(caption_path, f"not a regular file (its image {path.name} was skipped)")
     if caption_path.is_file():
         try:
-            (caption, caption_cut), source = read_caption_checked(caption_path), "file"
+            (caption, caption_cut), source = read_caption_checked(caption_path, spec.captions.wildcards), "file"
         except UnreadableCaption as exc:
             return SkippedFile(caption_path, f"{exc.reason} (its image {path.name} was skipped)")
     elif folder.class_caption is not None:

@@ -188,13 +188,24 @@ class Trainer:
         return folder, info
 
     def _setup_base(self):
-        """The base model: UNet, VAE, text encoders, tokenizers and the training noise scheduler."""
+        """The base model: UNet, VAE, text encoders, tokenizers and the training noise scheduler (rescaled to
+        zero terminal SNR with train.zero_terminal_snr; samples are drawn with its config too)."""
         from sdtrain.models import loading
+        from sdtrain.train.loss import training_noise_scheduler
+        from sdtrain.train.loss_weights import prediction_notes
 
-        model = self.cfg.model
-        return loading.load_base(model.path, arch=model.arch, vae=model.vae, config_dir=model.config_dir,
+        model, train = self.cfg.model, self.cfg.train
+        base = loading.load_base(model.path, arch=model.arch, vae=model.vae, config_dir=model.config_dir,
                                  prediction_type=model.prediction_type, allow_pickle=model.allow_pickle,
                                  revision=model.revision, variant=model.variant)
+        if train.zero_terminal_snr:
+            base.noise_scheduler = training_noise_scheduler(base.noise_scheduler.config, zero_terminal_snr=True)
+        notes = prediction_notes(base.prediction_type, zero_terminal_snr=train.zero_terminal_snr,
+                                 debiased_estimation=train.debiased_estimation_loss,
+                                 scale_v_pred_loss_like_noise_pred=train.scale_v_pred_loss_like_noise_pred)
+        for note in notes if model.prediction_type == "auto" else ():  # the plan showed those of an explicit type
+            self.note(note)
+        return base
 
     def _replan(self, arch: str, quiet: bool = False) -> None:
         """Plan again for `arch` when the plan guessed another family from the model's name."""
@@ -309,7 +320,8 @@ class Trainer:
         cfg, accelerator = self.cfg, self.accelerator
         if not cfg.data.cache_text_encoder_outputs or self.train_te:
             return None
-        fingerprint = text_encoder_fingerprint(*self.base.text_encoders, extra=f"clip_skip={cfg.model.clip_skip}")
+        extra = f"clip_skip={cfg.model.clip_skip};max_token_length={cfg.model.max_token_length}"
+        fingerprint = text_encoder_fingerprint(*self.base.text_encoders, extra=extra)
         cache = TextEncoderCache(Path(cfg.data.cache_dir) / "text", fingerprint)
         captions = captions_to_cache(self.plan.dataset)
         cache.ensure(captions[accelerator.process_index::accelerator.num_processes], self._encode_for_cache)
@@ -367,7 +379,8 @@ class Trainer:
         with torch.set_grad_enabled(self.train_te and torch.is_grad_enabled()):
             with self.accelerator.autocast():
                 return encode_prompts(self.base.arch, self.base.tokenizers, self.text_encoders, captions,
-                                      clip_skip=self.cfg.model.clip_skip)
+                                      clip_skip=self.cfg.model.clip_skip,
+                                      max_token_length=self.cfg.model.max_token_length)
 
     def conditioning(self, captions: list[str], cached=None):
         """The UNet's text conditioning of `captions`: encoded now, or from the text-encoder cache (`cached`: the
@@ -381,7 +394,9 @@ class Trainer:
         entries = [self.text_cache.load(c) for c in captions]
         device = self.accelerator.device
         embeds = torch.stack([e["prompt_embeds"] for e in entries]).to(device)
-        pooled = torch.stack([e["pooled_embeds"] for e in entries]).to(device) if "pooled_embeds" in entries[0] else None
+        pooled = None
+        if "pooled_embeds" in entries[0]:
+            pooled = torch.stack([e["pooled_embeds"] for e in entries]).to(device)
         return Conditioning(embeds, pooled)
 
     def sample_generator(self, global_batch: int, slot: int) -> torch.Generator:
@@ -413,22 +428,28 @@ class Trainer:
 
         from sdtrain.train.batches import encode_pixels
         from sdtrain.train.conditioning import Conditioning, unet_added_cond_kwargs
-        from sdtrain.train.loss import (diffusion_loss, min_snr_weights, prediction_type_of, sample_noise,
-                                        sample_timesteps, training_target)
+        from sdtrain.train.loss import (diffusion_loss, prediction_type_of, sample_noise, sample_timesteps,
+                                        training_target)
+        from sdtrain.train.loss_weights import sample_weights
+        from sdtrain.train.noise import perturbed_noise
 
         cfg, base, device = self.cfg, self.base, self.accelerator.device
-        global_batch, slot_offset = batch.global_index, batch.slot_offset
+        global_batch, slot_offset, keys = batch.global_index, batch.slot_offset, batch.keys
         batch = batch.to(device)  # from pinned memory on CUDA: the host does not wait
         latents = batch.latents if batch.latents is not None else encode_pixels(base.vae, batch.pixels)
         scheduler = base.noise_scheduler
-        noises, timesteps = [], []
-        for i in range(latents.shape[0]):
+        noises, inputs, timesteps = [], [], []
+        for i in range(latents.shape[0]):  # each sample's draws from its own generator, in this order
             generator = self.sample_generator(global_batch, slot_offset + i)
-            noises.append(sample_noise(latents[i:i + 1], generator, cfg.train.noise_offset))
+            noises.append(sample_noise(latents[i:i + 1], generator, cfg.train.noise_offset,
+                                       cfg.train.multires_noise_iterations, cfg.train.multires_noise_discount))
             timesteps.append(sample_timesteps(1, generator, cfg.train.min_timestep, cfg.train.max_timestep,
-                                              scheduler.config.num_train_timesteps, device=device))
+                                              scheduler.config.num_train_timesteps, device=device,
+                                              sampling=cfg.train.timestep_sampling, logit_mean=cfg.train.logit_mean,
+                                              logit_std=cfg.train.logit_std, shift=cfg.train.timestep_shift))
+            inputs.append(perturbed_noise(noises[-1], generator, cfg.train.ip_noise_gamma))
         noise, timesteps = torch.cat(noises), torch.cat(timesteps)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        noisy = scheduler.add_noise(latents, torch.cat(inputs), timesteps)
         prediction_type = prediction_type_of(scheduler, base.prediction_type)
         target = training_target(scheduler, latents, noise, timesteps, prediction_type)
         cached = Conditioning(batch.prompt_embeds, batch.pooled_embeds) if batch.prompt_embeds is not None else None
@@ -437,9 +458,12 @@ class Trainer:
         with self.accelerator.autocast():
             pred = self.unet(noisy.to(self.weight_dtype), timesteps, encoder_hidden_states=cond.prompt_embeds,
                              added_cond_kwargs=added).sample
-        weights = None
-        if cfg.train.min_snr_gamma:
-            weights = min_snr_weights(compute_snr(scheduler, timesteps), cfg.train.min_snr_gamma, prediction_type)
+        is_reg = [self.plan.dataset.records[key.record].is_reg for key in keys]
+        weights = sample_weights(compute_snr(scheduler, timesteps), prediction_type, is_reg,
+                                 min_snr_gamma=cfg.train.min_snr_gamma,
+                                 scale_v_pred_loss_like_noise_pred=cfg.train.scale_v_pred_loss_like_noise_pred,
+                                 debiased_estimation=cfg.train.debiased_estimation_loss,
+                                 prior_loss_weight=cfg.train.prior_loss_weight)
         return diffusion_loss(pred, target, cfg.train.loss, cfg.train.huber_c, weights)
 
     def optimizer_step(self, step: int) -> torch.Tensor:
@@ -594,7 +618,8 @@ class Trainer:
             paths = sample_images(base.arch, unet=unet, vae=base.vae, text_encoders=base.text_encoders,
                                   tokenizers=base.tokenizers, scheduler_config=base.noise_scheduler.config,
                                   prompts=prompts, sampler=cfg.sample.sampler, out_dir=self.output_dir / "samples",
-                                  step=step, clip_skip=cfg.model.clip_skip)
+                                  step=step, clip_skip=cfg.model.clip_skip,
+                                  max_token_length=cfg.model.max_token_length)
         self.result.samples.extend(paths)
 
     def verify_final(self, path: Path) -> str:

@@ -1,11 +1,19 @@
 """Noise, timesteps, targets and the weighted diffusion loss of one training step.
 
 Use a `DDPMScheduler` built from the model's scheduler config (`training_noise_scheduler`) for `add_noise`,
-targets and SNR: the samplers' schedulers (Euler, PNDM) add noise in a different parameterisation.
+targets and SNR: the samplers' schedulers (Euler, PNDM) add noise in a different parameterisation. With
+`zero_terminal_snr` its betas are rescaled by diffusers' `rescale_zero_terminal_snr` (Lin et al. 2024, "Common
+Diffusion Noise Schedules and Sample Steps are Flawed"), so that ᾱ at the last timestep is exactly 0: the model
+sees pure noise there, which only a v-prediction model can learn from (an ε-prediction target equals the input).
+
+Every draw of one sample (its noise, noise offset, multires noise, timestep, input perturbation: `noise.py`,
+`timesteps.py`) comes from that sample's own generator, in that order, so a draw does not depend on the batch,
+the process count or resuming.
 
 Min-SNR weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"):
 SNR(t) = ᾱ_t / (1 - ᾱ_t) (diffusers' `training_utils.compute_snr`); the loss weight of an ε-prediction is
-min(SNR, γ) / SNR and of a v-prediction min(SNR, γ) / (SNR + 1).
+min(SNR, γ) / SNR and of a v-prediction min(SNR, γ) / (SNR + 1). At SNR = 0 (the last timestep under
+zero-terminal SNR) the ε weight is its limit 1 (kohya divides 0 by 0). Other weights: `loss_weights.py`.
 
 The config schema takes `LOSS_KINDS` from here, so torch is imported where it is used.
 """
@@ -22,28 +30,27 @@ if TYPE_CHECKING:
 LOSS_KINDS = ("l2", "l1", "huber")
 
 
-def training_noise_scheduler(scheduler_config):
-    """A DDPMScheduler with the model's noise schedule and prediction type."""
+def training_noise_scheduler(scheduler_config, zero_terminal_snr: bool = False):
+    """A DDPMScheduler with the model's noise schedule and prediction type; with `zero_terminal_snr`, betas
+    rescaled so that ᾱ is 0 at the last timestep (diffusers' `rescale_betas_zero_snr`)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_config(scheduler_config)
+    return DDPMScheduler.from_config(scheduler_config, **({"rescale_betas_zero_snr": True} if zero_terminal_snr else {}))
 
 
-def _randn(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device, returned on `like`'s device and dtype."""
-    import torch
-
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device, like.dtype)
-
-
-def sample_noise(latents: torch.Tensor, generator: torch.Generator | None = None, noise_offset: float = 0.0) -> torch.Tensor:
+def sample_noise(latents: torch.Tensor, generator: torch.Generator | None = None, noise_offset: float = 0.0,
+                 multires_iterations: int = 0, multires_discount: float = 0.3) -> torch.Tensor:
     """Gaussian noise like `latents`, plus `noise_offset` × one N(0, 1) value per sample and channel (kohya's
-    noise offset, which lets the model shift an image's mean brightness)."""
-    noise = _randn(latents.shape, generator, latents)
+    noise offset, which lets the model shift an image's mean brightness), then `noise.multires_noise` when
+    `multires_iterations` > 0."""
+    from sdtrain.train.noise import multires_noise, randn
+
+    noise = randn(latents.shape, generator, latents)
     if noise_offset:
         b, c = latents.shape[:2]
-        noise = noise + noise_offset * _randn((b, c) + (1,) * (latents.ndim - 2), generator, latents)
+        noise = noise + noise_offset * randn((b, c) + (1,) * (latents.ndim - 2), generator, latents)
+    if multires_iterations:
+        noise = multires_noise(noise, generator, multires_iterations, multires_discount)
     return noise
 
 
@@ -54,15 +61,19 @@ def sample_timesteps(
     max_timestep: int = 1000,
     num_train_timesteps: int = 1000,
     device: torch.device | str | None = None,
+    sampling: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    shift: float = 1.0,
 ) -> torch.Tensor:
-    """`batch` integer timesteps drawn uniformly from [min_timestep, max_timestep) (int64)."""
+    """`batch` integer timesteps in [min_timestep, max_timestep) (int64): uniform integers by default, else
+    drawn from `sampling` and `shift` (`timesteps.draw_timesteps`)."""
     if not 0 <= min_timestep < max_timestep <= num_train_timesteps:
         raise ConfigError(f"train.min_timestep = {min_timestep} and train.max_timestep = {max_timestep} must satisfy "
                           f"0 <= min_timestep < max_timestep <= {num_train_timesteps}")
-    import torch
+    from sdtrain.train.timesteps import draw_timesteps
 
-    gen_device = generator.device if generator is not None else "cpu"
-    t = torch.randint(min_timestep, max_timestep, (batch,), generator=generator, device=gen_device)
+    t = draw_timesteps(batch, generator, min_timestep, max_timestep, sampling, logit_mean, logit_std, shift)
     return t.to(device) if device is not None else t
 
 
@@ -84,11 +95,13 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
 
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str = "epsilon") -> torch.Tensor:
     """Per-sample Min-SNR-γ loss weights; all ones when `gamma` is 0 (off)."""
+    import torch
+
     if gamma <= 0:
         return snr.new_ones(snr.shape)
     clipped = snr.clamp(max=gamma)
     if prediction_type == "epsilon":
-        return clipped / snr
+        return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), 1.0)
     if prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
     raise ValueError(f"unknown prediction_type {prediction_type!r}")

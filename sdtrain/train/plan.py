@@ -36,6 +36,9 @@ def subset_specs(cfg) -> list[SubsetSpec]:
             caption_dropout=subset.caption_dropout,
             tag_dropout=subset.tag_dropout,
             class_caption=subset.class_caption,
+            prefix=subset.caption_prefix,
+            suffix=subset.caption_suffix,
+            wildcards=subset.wildcards,
         )
         specs.append(SubsetSpec(path=subset.path, repeats=subset.repeats, is_reg=subset.is_reg,
                                 caption_extension=subset.caption_extension or cfg.data.caption_extension,
@@ -207,5 +210,48 @@ def describe_plan(plan: TrainingPlan, cfg) -> str:
     if size is not None:
         lines.append(f"disk: about {size.total / 2**20:.1f} MiB in {cfg.train.output_dir} ({size.adapters} adapter "
                      f"file(s), {size.states} training state(s) at once)")
+    lines.extend(training_lines(cfg))
     lines.extend(f"warning: {w}" for w in plan.warnings)
     return "\n".join(lines)
+
+
+def training_lines(cfg) -> list[str]:
+    """The noise, timestep, loss-weight and text settings of a run, as the plan shows them."""
+    from sdtrain.train.loss_weights import prediction_notes
+
+    t = cfg.train
+    noise = [f"offset {t.noise_offset:g}"] if t.noise_offset else []
+    if t.multires_noise_iterations:
+        noise.append(f"multires {t.multires_noise_iterations} levels x discount {t.multires_noise_discount:g}")
+    if t.ip_noise_gamma:
+        noise.append(f"input perturbation gamma {t.ip_noise_gamma:g}")
+    if t.zero_terminal_snr:
+        noise.append("zero-terminal SNR schedule")
+    draw = ("uniform" if t.timestep_sampling == "uniform"
+            else f"logit-normal (mean {t.logit_mean:g}, std {t.logit_std:g})")
+    if t.timestep_shift != 1.0:
+        draw += f", shift {t.timestep_shift:g}"
+    weights = [f"min-SNR gamma {t.min_snr_gamma:g}"] if t.min_snr_gamma else []
+    if t.scale_v_pred_loss_like_noise_pred:
+        weights.append("v-prediction scaled like noise prediction")
+    if t.debiased_estimation_loss:
+        weights.append("debiased estimation")
+    if t.prior_loss_weight != 1.0:
+        weights.append(f"regularisation images x {t.prior_loss_weight:g}")
+    lines = [f"noise: {', '.join(noise) or 'plain gaussian'}; timesteps: {draw} in [{t.min_timestep}, "
+             f"{t.max_timestep})",
+             f"loss: {t.loss}, weights: {', '.join(weights) or 'none'}",
+             f"text: up to {cfg.model.max_token_length} tokens per caption and prompt, clip skip {cfg.model.clip_skip}"]
+    for index, subset in enumerate(cfg.data.subsets):
+        parts = [f'prefix "{subset.caption_prefix}"'] if subset.caption_prefix else []
+        if subset.caption_suffix:
+            parts.append(f'suffix "{subset.caption_suffix}"')
+        if subset.wildcards:
+            parts.append("wildcards")
+        if parts:
+            lines.append(f"  subset {index} captions: {', '.join(parts)}")
+    if cfg.model.prediction_type == "epsilon":
+        lines.extend(f"warning: {note}" for note in prediction_notes(
+            "epsilon", zero_terminal_snr=t.zero_terminal_snr, debiased_estimation=t.debiased_estimation_loss,
+            scale_v_pred_loss_like_noise_pred=t.scale_v_pred_loss_like_noise_pred))
+    return lines

@@ -2,9 +2,12 @@
 
 A diffusers `StableDiffusionPipeline` / `StableDiffusionXLPipeline` is built around the very UNet, VAE and text
 encoders being trained (adapters injected, nothing copied), with the chosen sampler's scheduler made `from_config`
-of the model's scheduler config. Prompts are encoded with `conditioning.encode_prompts` (so `clip_skip` matches
-training) and passed as embeddings. For SDXL an empty negative prompt gives zero embeddings, as diffusers'
-SDXL pipeline does by default (`force_zeros_for_empty_prompt`).
+of the model's scheduler config (a schedule rescaled to zero terminal SNR samples rescaled too, with "trailing"
+timestep spacing so that the first step starts from pure noise at the last timestep). Prompts are
+encoded with `conditioning.encode_prompts` (so `clip_skip` and `max_token_length` match training: prompts up to
+225 tokens, in windows of 75) and passed as embeddings; the negative prompt is encoded to the same length. For
+SDXL an empty negative prompt gives zero embeddings, as diffusers' SDXL pipeline does by default
+(`force_zeros_for_empty_prompt`).
 
 Each prompt gets a CPU `torch.Generator` seeded with its seed (same image on any device, up to numerics). Modules are
 put in eval mode and back to their previous modes afterwards, and the torch (CPU and CUDA), numpy and Python
@@ -42,6 +45,9 @@ def sampler_scheduler(sampler: str, scheduler_config):
     # DDIM (like DDPM) defaults to clipping x0 to [-1, 1], which is wrong for latents; configs passed through a
     # DDPMScheduler carry that default, so it is always turned off.
     overrides = {"clip_sample": False} if sampler == "ddim" else {}
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        # a zero-terminal-SNR schedule samples from its last timestep, pure noise (Lin et al. 2024, section 3.3)
+        overrides["timestep_spacing"] = "trailing"
     return getattr(diffusers, SAMPLERS[sampler]).from_config(scheduler_config, **overrides)
 
 
@@ -127,12 +133,12 @@ def _full_prompt(prompt: dict, arch: str) -> dict:
     return {"negative": "", "width": size, "height": size, "seed": 0, "cfg": 7.0, "steps": 20, **prompt}
 
 
-def _encode(arch, tokenizers, text_encoders, text, clip_skip, zero: bool):
+def _encode(arch, tokenizers, text_encoders, text, clip_skip, max_token_length, zero: bool):
     import torch
 
     from sdtrain.train.conditioning import encode_prompts
 
-    cond = encode_prompts(arch, tokenizers, text_encoders, [text], clip_skip=clip_skip)
+    cond = encode_prompts(arch, tokenizers, text_encoders, [text], clip_skip=clip_skip, max_token_length=max_token_length)
     if zero:
         cond.prompt_embeds = torch.zeros_like(cond.prompt_embeds)
         cond.pooled_embeds = torch.zeros_like(cond.pooled_embeds)
@@ -153,6 +159,7 @@ def sample_images(
     step: int,
     device: torch.device | str | None = None,
     clip_skip: int = 1,
+    max_token_length: int = 75,
 ) -> list[Path]:
     """Render `prompts` (dicts: prompt, negative, width, height, seed, cfg, steps; missing keys get defaults)
     and write `out_dir/step_{step:06d}_{i:02d}.png` plus `out_dir/step_{step:06d}_grid.png`.
@@ -170,8 +177,8 @@ def sample_images(
         pipe = build_pipeline(arch, unet, vae, text_encoders, tokenizers, sampler_scheduler(sampler, scheduler_config))
         for i, prompt in enumerate(prompts):
             p = _full_prompt(prompt, arch)
-            cond = _encode(arch, tokenizers, text_encoders, p["prompt"], clip_skip, zero=False)
-            uncond = _encode(arch, tokenizers, text_encoders, p["negative"], clip_skip,
+            cond = _encode(arch, tokenizers, text_encoders, p["prompt"], clip_skip, max_token_length, zero=False)
+            uncond = _encode(arch, tokenizers, text_encoders, p["negative"], clip_skip, max_token_length,
                              zero=arch == "sdxl" and not p["negative"])
             kwargs = dict(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=uncond.prompt_embeds)
             if arch == "sdxl":

@@ -123,3 +123,57 @@ def test_live_encoding_rule_and_cacheable_variants():
 def test_invalid_options_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         CaptionOptions(**kwargs)
+
+
+# ---------------------------------------------------------------- prefix, suffix and wildcards
+
+
+def test_prefix_and_suffix_frame_the_caption_and_survive_keep_tokens():
+    options = CaptionOptions(prefix="sks,", suffix=", masterpiece", shuffle_tags=True, keep_tokens=1)
+    rng = random.Random(0)
+    for _ in range(20):
+        tags = augment_caption("a, b, c", options, rng).split(", ")
+        assert tags[0] == "sks" and sorted(tags[1:]) == ["a", "b", "c", "masterpiece"]
+    assert augment_caption("photo", CaptionOptions(prefix="sks", suffix="end"), rng) == "sks photo end"
+    assert augment_caption("photo", CaptionOptions(prefix="sks", caption_dropout=1.0), rng) == ""  # dropped whole
+
+
+def test_wildcards_pick_a_line_and_an_alternative_per_use():
+    options = CaptionOptions(wildcards=True, prefix="sks")
+    caption = "a {red|blue|green} car\na {big|small} house, {{literal}}"
+    rng = random.Random(1)
+    seen = Counter(augment_caption(caption, options, rng) for _ in range(3000))
+    expected = {f"sks a {c} car" for c in ("red", "blue", "green")} | {f"sks a {s} house, {{literal}}"
+                                                                       for s in ("big", "small")}
+    assert set(seen) == expected
+    # each line half the time, each alternative evenly within it
+    assert sum(n for text, n in seen.items() if text.endswith("car")) == pytest.approx(1500, rel=0.08)
+    for colour in ("red", "blue", "green"):
+        assert seen[f"sks a {colour} car"] == pytest.approx(500, rel=0.15)
+    # the same rng seed replays the same choices; without wildcards the braces stay
+    assert [augment_caption(caption, options, random.Random(5)) for _ in range(3)] == \
+        [augment_caption(caption, options, random.Random(5))] * 3
+    assert augment_caption("a {x|y}", CaptionOptions(), rng) == "a {x|y}"
+
+
+def test_wildcard_variants_are_what_the_text_encoder_cache_holds():
+    options = CaptionOptions(wildcards=True, suffix="end", caption_dropout=0.5)
+    caption = "a {red|blue} car\nplain"
+    variants = cacheable_captions(caption, options)
+    assert variants == ["a red car end", "a blue car end", "plain end", ""]
+    rng = random.Random(0)
+    assert {augment_caption(caption, options, rng) for _ in range(500)} == set(variants)
+    with pytest.raises(ConfigError, match="wildcard variants"):
+        cacheable_captions(" ".join(["{a|b}"] * 9), CaptionOptions(wildcards=True))  # 512 variants
+
+
+def test_wildcard_caption_files_keep_every_line(tmp_path):
+    from sdtrain.data.captions import MAX_CAPTION_LINES, read_caption_checked
+
+    path = tmp_path / "a.txt"
+    path.write_text("first {a|b}\n\n  second  \nthird\n")
+    assert read_caption(path) == "first {a|b}"
+    assert read_caption(path, all_lines=True) == "first {a|b}\nsecond\nthird"
+    path.write_text("\n".join(f"line {i}" for i in range(MAX_CAPTION_LINES + 5)))
+    text, cut = read_caption_checked(path, all_lines=True)
+    assert len(text.split("\n")) == MAX_CAPTION_LINES and cut

@@ -43,7 +43,7 @@ def test_sd15_clip_skip_2_matches_diffusers(sd15):
 
 @torch.no_grad()
 def test_long_prompt_truncated_like_diffusers(sd15):
-    assert tokenize(sd15.tokenizer, [LONG]).shape == (1, 77)
+    assert tokenize(sd15.tokenizer, [LONG]).shape == (1, 1, 77)
     cond = encode_prompts("sd15", [sd15.tokenizer], [sd15.text_encoder], [LONG])
     torch.testing.assert_close(cond.prompt_embeds, _sd15_reference(sd15, [LONG]), rtol=0, atol=0)
 
@@ -105,3 +105,52 @@ def test_added_cond_kwargs_drive_the_sdxl_unet(sdxl, sd15):
     assert not torch.allclose(out, sdxl.unet(latents, torch.tensor([10, 500]), cond.prompt_embeds,
                                              added_cond_kwargs=other).sample)
     assert unet_added_cond_kwargs(encode_prompts("sd15", [sd15.tokenizer], [sd15.text_encoder], PROMPTS)) is None
+
+
+# ---------------------------------------------------------------- prompts longer than 75 tokens (max_token_length)
+
+HEAD = " ".join(["red"] * 75)  # exactly 75 tokens: one full window
+TAIL = "a blue square on a green field"  # 7 tokens
+
+
+def _encode(arch, pipe, prompts, max_token_length, clip_skip=1):
+    if arch == "sd15":
+        return encode_prompts("sd15", [pipe.tokenizer], [pipe.text_encoder], prompts, clip_skip, max_token_length)
+    return encode_prompts("sdxl", [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                          prompts, clip_skip, max_token_length)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("clip_skip", [1, 2])
+@torch.no_grad()
+def test_long_prompt_is_windows_of_75_encoded_alone_and_joined(arch, clip_skip, sd15, sdxl):
+    """Each window of 75 tokens is encoded as its own CLIP prompt (BOS, its tokens, EOS, padding; kohya and
+    A1111): the 225-token embedding of HEAD + TAIL is HEAD's 77-token embedding without its last state, TAIL's
+    75 middle states and its last, and the empty prompt's for the third window; SDXL's pooled output is HEAD's."""
+    pipe = sd15 if arch == "sd15" else sdxl
+    for tokenizer in [pipe.tokenizer] + ([pipe.tokenizer_2] if arch == "sdxl" else []):
+        assert len(tokenizer(HEAD).input_ids) == 77 and len(tokenizer(HEAD + " " + TAIL).input_ids) == 84
+    long = _encode(arch, pipe, [HEAD + " " + TAIL, TAIL], 225, clip_skip)
+    head, tail, empty = (_encode(arch, pipe, [text], 75, clip_skip) for text in (HEAD, TAIL, ""))
+    assert long.prompt_embeds.shape[1] == 227
+    expected = torch.cat([head.prompt_embeds[:, :76], tail.prompt_embeds[:, 1:76], empty.prompt_embeds[:, 1:77]], 1)
+    torch.testing.assert_close(long.prompt_embeds[:1], expected, rtol=1e-5, atol=1e-5)
+    # a prompt under 75 tokens: its own window, then two empty ones
+    expected = torch.cat([tail.prompt_embeds[:, :76], empty.prompt_embeds[:, 1:76], empty.prompt_embeds[:, 1:77]], 1)
+    torch.testing.assert_close(long.prompt_embeds[1:], expected, rtol=1e-5, atol=1e-5)
+    if arch == "sdxl":
+        torch.testing.assert_close(long.pooled_embeds, torch.cat([head.pooled_embeds, tail.pooled_embeds]),
+                                   rtol=1e-5, atol=1e-5)
+    # at 75 tokens the tail is cut: the same embedding as HEAD alone
+    cut = _encode(arch, pipe, [HEAD + " " + TAIL], 75, clip_skip)
+    torch.testing.assert_close(cut.prompt_embeds, head.prompt_embeds, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_225_token_prompts_change_the_embedding_beyond_token_77(sdxl):
+    base = HEAD + " " + TAIL
+    one, other = (_encode("sdxl", sdxl, [text], 225).prompt_embeds for text in (base, base + ", in the rain"))
+    torch.testing.assert_close(one[:, :76], other[:, :76], rtol=0, atol=0)
+    assert (one[:, 77:] - other[:, 77:]).abs().max() > 1e-3
+    tokens = tokenize(sdxl.tokenizer_2, [" ".join(["red"] * 300)], 225)
+    assert tokens.shape == (1, 3, 77) and (tokens[0, :, 0] == 49406).all() and (tokens[0, :, -1] == 49407).all()

@@ -28,7 +28,8 @@ def torchrun(config, *args, expect_ok=True):
 
 def test_two_processes_match_one_process_with_double_batch_and_resume(tmp_path):
     """2 processes x batch 1 train what 1 process trains at batch 2 (text encoders too, accumulating 2 batches:
-    accelerate skips the all-reduce of every wrapped model until the last one); stopped at step 3 and resumed,
+    accelerate skips the all-reduce of every wrapped model until the last one; with the per-sample noise,
+    timestep and loss-weight options and 150-token captions); stopped at step 3 and resumed,
     the 2-process run ends bit-identical to the straight one."""
     steps = 6
     # SGD: the update is linear in the gradient, so the all-reduce's fp32 round-off stays round-off (Adam and the
@@ -36,7 +37,11 @@ def test_two_processes_match_one_process_with_double_batch_and_resume(tmp_path):
     # no weight decay: DDP hands zero gradients (not none) to the adapters of CLIP-L's last layer, which SDXL's
     # conditioning never reads, and weight decay would then shrink them in the 2-process run only
     options = ["optimizer.type=SGD", "optimizer.lr=2.0", "optimizer.weight_decay=0", "network.train_text_encoder=true",
-               "train.gradient_accumulation_steps=2"]
+               "train.gradient_accumulation_steps=2",
+               # per-sample draws and weights: the same on any process count
+               "train.multires_noise_iterations=3", "train.ip_noise_gamma=0.1", "train.timestep_sampling=logit_normal",
+               "train.timestep_shift=2", "train.debiased_estimation_loss=true", "model.max_token_length=150",
+               "data.subsets.0.caption_prefix=sks,"]
     sets = [x for item in options for x in ("--set", item)]
     config = write_config(tmp_path, "ddp", count=4, steps=steps)
     done = torchrun(config, "--set", "train.batch_size=1", *sets)

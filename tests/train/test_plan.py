@@ -23,3 +23,32 @@ def test_dry_run_counts_released_architectures_offline(tmp_path, hub_id, arch, u
     assert f" {unet_modules} (" in unet_row
     assert ("te2" in plan.network_report) == (arch == "sdxl")
     assert "released" in text
+
+
+def test_dry_run_shows_noise_timestep_weight_and_text_settings(tmp_path, capsys):
+    from sdtrain.errors import ConfigError
+    from sdtrain.train.loop import train
+
+    config = write_config(tmp_path, "plan")
+    overrides = ["model.prediction_type=v_prediction", "train.zero_terminal_snr=true", "train.ip_noise_gamma=0.1",
+                 "train.multires_noise_iterations=6", "train.timestep_sampling=logit_normal", "train.logit_mean=0.5",
+                 "train.timestep_shift=3", "train.debiased_estimation_loss=true", "train.prior_loss_weight=0.5",
+                 "model.max_token_length=225", "data.subsets.0.caption_prefix=sks", "data.subsets.0.wildcards=true"]
+    train(load_config(config, overrides), dry_run=True)
+    out = capsys.readouterr().out
+    assert ("noise: multires 6 levels x discount 0.3, input perturbation gamma 0.1, zero-terminal SNR schedule; "
+            "timesteps: logit-normal (mean 0.5, std 1), shift 3 in [0, 1000)") in out
+    assert "loss: l2, weights: debiased estimation, regularisation images x 0.5" in out
+    assert "text: up to 225 tokens per caption and prompt, clip skip 1" in out
+    assert 'subset 0 captions: prefix "sks", wildcards' in out
+    train(load_config(config, ["model.prediction_type=epsilon", "train.zero_terminal_snr=true"]), dry_run=True)
+    assert "warning: train.zero_terminal_snr with an epsilon-prediction model" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="train.scale_v_pred_loss_like_noise_pred"):
+        load_config(config, ["model.prediction_type=epsilon", "train.scale_v_pred_loss_like_noise_pred=true"])
+    with pytest.raises(ConfigError, match="'train.debiased_estimation_loss'.*infinite at the last timestep"):
+        load_config(config, ["model.prediction_type=epsilon", "train.zero_terminal_snr=true",
+                             "train.debiased_estimation_loss=true"])
+    notes = []
+    load_config(config, ["train.logit_std=2", "train.multires_noise_discount=0.5"], notes=notes)
+    assert any("train.logit_std = 2 has no effect" in n for n in notes)
+    assert any("train.multires_noise_discount = 0.5 has no effect" in n for n in notes)

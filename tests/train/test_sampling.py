@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from sdtrain.errors import ConfigError
-from sdtrain.train.sampling import preserved_rng_state, sample_images, sampler_scheduler
+from sdtrain.train.sampling import SAMPLERS, preserved_rng_state, sample_images, sampler_scheduler
 
 
 def _components(pipe):
@@ -139,3 +139,25 @@ def test_other_samplers_render(sd15, tmp_path, sampler):
     with Image.open(paths[0]) as im:
         assert im.size == (64, 64)
 
+
+
+def test_zero_terminal_snr_samples_start_from_pure_noise(sd15, tmp_path):
+    """On a zero-terminal-SNR v-prediction schedule every sampler starts at the last timestep (trailing spacing);
+    a sample renders with a 225-token prompt."""
+    from sdtrain.train.loss import training_noise_scheduler
+
+    model = {**sd15.scheduler.config, "prediction_type": "v_prediction", "timestep_spacing": "leading",
+             "steps_offset": 1}  # as SD's released config
+    model.pop("_use_default_values", None)  # else diffusers replaces timestep_spacing with each sampler's default
+    config = training_noise_scheduler(model, zero_terminal_snr=True).config
+    for sampler in SAMPLERS:
+        scheduler = sampler_scheduler(sampler, config)
+        scheduler.set_timesteps(4)
+        assert int(scheduler.timesteps[0]) == 999, sampler
+        plain = sampler_scheduler(sampler, training_noise_scheduler(model).config)
+        plain.set_timesteps(4)
+        assert int(plain.timesteps[0]) < 999, sampler
+    prompt = dict(prompt=" ".join(["red cube"] * 60), negative="", width=64, height=64, seed=1, cfg=5.0, steps=2)
+    path = sample_images(**{**_components(sd15), "scheduler_config": config}, prompts=[prompt], sampler="euler_a",
+                         out_dir=tmp_path, step=1, max_token_length=225)[0]
+    assert _pixels(path).std() > 0

@@ -51,11 +51,15 @@ class Probe(TrainerCallback):
         spy(trainer, "micro_batch_loss", lambda b, out, *args: b.update(loss=out.detach()))
 
         def unet_inputs(module, args, kwargs):
+            if not module.training:  # sampling
+                return
             added = kwargs.get("added_cond_kwargs") or {}
-            self.batches[-1].update(embeds=kwargs["encoder_hidden_states"].detach(),
+            self.batches[-1].update(sample=args[0].detach(), embeds=kwargs["encoder_hidden_states"].detach(),
                                     pooled=added.get("text_embeds"))
 
         def unet_output(module, args, kwargs, output):
+            if not module.training:
+                return
             self.batches[-1].update(pred=output.sample.detach().float())
 
         base.unet.register_forward_pre_hook(unet_inputs, with_kwargs=True)
@@ -122,6 +126,88 @@ def test_loss_options_reach_the_step(tmp_path):
         assert batch["timesteps"].max() >= 100  # drawn over [0, 1000)
 
 
+# ---------------------------------------------------------------- noise, timesteps and loss weights
+
+
+def zero_terminal_alpha_bar():
+    """SD's scaled-linear ᾱ rescaled to zero terminal SNR (Lin et al. 2024, Algorithm 1), in float64 here."""
+    import numpy as np
+
+    betas = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000, dtype=np.float64) ** 2
+    root = np.sqrt(np.cumprod(1 - betas))
+    return torch.from_numpy(((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2)
+
+
+def test_zero_terminal_snr_and_the_timestep_draw_reach_the_step(tmp_path):
+    """v-prediction on the zero-terminal-SNR schedule with logit-normal timesteps shifted towards noise: the UNet
+    gets √ᾱ·x₀ + √(1 − ᾱ)·ε with the rescaled ᾱ, at timesteps σ(N(0, 0.3)) shifted by 20 (about 930 to 970)."""
+    options = ["model.prediction_type=v_prediction", "train.zero_terminal_snr=true", "train.timestep_sampling=logit_normal",
+               "train.logit_mean=0", "train.logit_std=0.3", "train.timestep_shift=20", "train.batch_size=2"]
+    trainer, probe = probed_run(write_config(tmp_path, "ztsnr"), no_augmentation(3) + options)
+    acp = zero_terminal_alpha_bar()
+    assert trainer.base.noise_scheduler.alphas_cumprod[-1].item() == 0.0
+    timesteps = torch.cat([b["timesteps"] for b in probe.batches])
+    assert 900 <= timesteps.min() and timesteps.max() <= 985, timesteps  # uniform: 0-999; unshifted: about 500
+    for batch in probe.batches:
+        a = acp[batch["timesteps"]].view(-1, 1, 1, 1)
+        expected = a.sqrt() * batch["latents"].double() + (1 - a).sqrt() * batch["noise"].double()
+        torch.testing.assert_close(batch["sample"].double(), expected, rtol=0, atol=1e-5)
+        v = a.sqrt() * batch["noise"].double() - (1 - a).sqrt() * batch["latents"].double()
+        assert batch["loss"].item() == pytest.approx((batch["pred"].double() - v).square().mean().item(), rel=1e-5)
+
+
+def test_multires_noise_and_input_perturbation_reach_the_step(tmp_path, monkeypatch):
+    """The noise drawn per sample is multires noise (unit std, neighbours alike); the noisy latents are made with
+    it plus 0.5·ξ, and the ε target is the drawn noise without ξ."""
+    import sdtrain.train.loss as loss_module
+
+    drawn = []
+    original = loss_module.sample_noise
+
+    def sample_noise(*args, **kwargs):
+        drawn.append(original(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(loss_module, "sample_noise", sample_noise)
+    options = ["train.multires_noise_iterations=4", "train.multires_noise_discount=0.9", "train.ip_noise_gamma=0.5",
+               "train.batch_size=2"]
+    _, probe = probed_run(write_config(tmp_path, "multires"), no_augmentation(3) + options)
+    assert len(drawn) == 6
+    correlations = []
+    for index, batch in enumerate(probe.batches):
+        clean = torch.cat(drawn[2 * index:2 * index + 2])
+        for sample in clean:
+            assert sample.std().item() == pytest.approx(1.0, abs=1e-5)  # divided by its std
+            correlations.append(torch.corrcoef(torch.stack([sample[..., :-1].flatten(),
+                                                            sample[..., 1:].flatten()]))[0, 1].item())
+        assert (batch["noise"] - clean).std().item() == pytest.approx(0.5, rel=0.2)
+        loss = (batch["pred"].double() - clean.double()).square().mean().item()
+        assert batch["loss"].item() == pytest.approx(loss, rel=1e-5)
+    assert sum(correlations) / len(correlations) > 0.2  # plain noise: about 0
+
+
+def test_loss_weight_options_reach_the_step(tmp_path):
+    """Debiased estimation, v-prediction scaled like noise prediction and prior_loss_weight on a regularisation
+    subset: each sample's loss is weighted by 1/(SNR+1) · SNR/(SNR+1) (SNR capped at 1000) · 0.25 if reg."""
+    reg = write_subset(tmp_path / "reg", "a plain photo", colour=(90, 90, 90))
+    extra = f'[[data.subsets]]\npath = "{reg}"\nis_reg = true\n'
+    options = ["model.prediction_type=v_prediction", "train.debiased_estimation_loss=true",
+               "train.scale_v_pred_loss_like_noise_pred=true", "train.prior_loss_weight=0.25", "train.batch_size=2"]
+    trainer, probe = probed_run(write_config(tmp_path, "weights", extra=extra), no_augmentation(4) + options)
+    records, scheduler = trainer.plan.dataset.records, trainer.base.noise_scheduler
+    regs = 0
+    for batch in probe.batches:
+        acp = scheduler.alphas_cumprod.double()[batch["timesteps"].cpu()].view(-1, 1, 1, 1)
+        x0, eps = batch["latents"].double(), batch["noise"].double()
+        per_sample = (batch["pred"].double() - (acp.sqrt() * eps - (1 - acp).sqrt() * x0)).square().flatten(1).mean(1)
+        snr = (acp / (1 - acp)).flatten().clamp(max=1000)
+        is_reg = torch.tensor([records[key.record].is_reg for key in batch["keys"]])
+        regs += int(is_reg.sum())
+        weights = 1 / (snr + 1) * snr / (snr + 1) * torch.where(is_reg, 0.25, 1.0).double()
+        assert batch["loss"].item() == pytest.approx((per_sample * weights).mean().item(), rel=1e-5)
+    assert regs >= 2
+
+
 # ---------------------------------------------------------------- text conditioning
 
 
@@ -178,6 +264,45 @@ def write_subset(folder, caption: str | None, name="img", extension=".txt", colo
     if caption is not None:
         (folder / f"{name}{extension}").write_text(caption)
     return folder
+
+
+def test_long_captions_prefix_suffix_and_wildcards_reach_the_text_encoder(tmp_path):
+    """max_token_length = 225: captions of ~120 tokens condition the UNet on 227 states whose tail (beyond CLIP's
+    77) depends on the caption's tail, through the text-encoder cache, and so do the sample prompts; the subset's
+    prefix and suffix frame each caption and every use picks a line and a {a|b} alternative."""
+    tail = ", ".join(f"detail{i}" for i in range(30))  # 115 tokens with "a red square, "
+    lines = "{red|blue} square, " + tail + "\n{green|white} square, " + tail
+    folder = write_subset(tmp_path / "wild", lines)
+    config = write_config(tmp_path, "long")
+    long_prompt = "a red square, " + tail
+    overrides = no_augmentation(8) + [
+        f"data.subsets.0.path={folder}", "data.subsets.0.wildcards=true", "data.subsets.0.caption_prefix=sks,",
+        "data.subsets.0.caption_suffix=, best", "model.max_token_length=225", "data.cache_text_encoder_outputs=true",
+        "sample.every_n_steps=8", f'sample.prompts=["{long_prompt} --w 64 --h 64 --s 1"]']
+    sampled = []
+
+    def watch_samples(trainer, probe):
+        trainer.base.unet.register_forward_pre_hook(
+            lambda module, args, kwargs: sampled.append(kwargs["encoder_hidden_states"].shape[1])
+            if not module.training else None, with_kwargs=True)
+
+    trainer, probe = probed_run(config, overrides, setup=watch_samples)
+    captions = [c for b in probe.batches for c in b["captions"]]
+    assert all(c.startswith("sks, ") and c.endswith(tail + " , best") for c in captions)
+    chosen = {c.split(" square")[0] for c in captions}
+    assert chosen <= {"sks, red", "sks, blue", "sks, green", "sks, white"} and len(chosen) >= 3, chosen
+    by_caption = {}
+    for batch in probe.batches:
+        assert batch["embeds"].shape[1] == 227
+        by_caption[batch["captions"][0]] = batch["embeds"][0]
+    direct = trainer.encode_text(list(by_caption))
+    for index, embeds in enumerate(by_caption.values()):
+        torch.testing.assert_close(embeds, direct.prompt_embeds[index].to(embeds), rtol=1e-5, atol=1e-5)
+    # the text beyond the first 75 tokens reaches states 77 and later
+    first, second = (trainer.encode_text([long_prompt + extra]).prompt_embeds for extra in (", one", ", two, three"))
+    torch.testing.assert_close(first[:, :60], second[:, :60])
+    assert not torch.allclose(first[:, 77:], second[:, 77:])
+    assert sampled and set(sampled) == {227}
 
 
 def test_caption_options_and_flip_reach_the_text_encoder(tmp_path):
@@ -388,7 +513,12 @@ def test_every_config_key_is_read(tmp_path, capsys):
     overrides = no_augmentation(2) + [
         "data.cache_text_encoder_outputs=true", "sample.every_n_steps=1", prompts, "save.every_n_steps=1",
         "save.every_n_epochs=1", "save.keep_last=1", "save.state_every_n_steps=1", "log.tensorboard=true",
-        'save.targets=["comfyui"]']
+        'save.targets=["comfyui"]', "model.max_token_length=150", "data.subsets.0.caption_prefix=sks,",
+        "data.subsets.0.caption_suffix=, end", "data.subsets.0.wildcards=true", "model.prediction_type=v_prediction",
+        "train.debiased_estimation_loss=true", "train.scale_v_pred_loss_like_noise_pred=true",
+        "train.prior_loss_weight=0.5", "train.multires_noise_iterations=2", "train.multires_noise_discount=0.5",
+        "train.ip_noise_gamma=0.1", "train.zero_terminal_snr=true", "train.timestep_sampling=logit_normal",
+        "train.logit_mean=0.1", "train.logit_std=1.1", "train.timestep_shift=1.5"]
     reads: set[str] = set()
     cfg = load_config(config, overrides)
     record_reads(cfg, reads)
