@@ -30,7 +30,7 @@ data.cache_latents data.cache_dir data.cache_text_encoder_outputs data.num_worke
 data.subsets.N.path data.subsets.N.repeats data.subsets.N.is_reg data.subsets.N.caption_extension
 data.subsets.N.shuffle_tags data.subsets.N.keep_tokens data.subsets.N.keep_tokens_separator
 data.subsets.N.tag_separator data.subsets.N.caption_dropout data.subsets.N.tag_dropout data.subsets.N.flip
-data.subsets.N.class_caption
+data.subsets.N.class_caption data.subsets.N.mask_path data.subsets.N.alpha_mask
 network.type network.rank network.alpha network.decompose_axis network.detach_norm network.preset network.include
 network.exclude network.conv_rank network.conv_alpha network.train_unet network.train_text_encoder
 optimizer.type optimizer.lr optimizer.unet_lr optimizer.text_encoder_lr optimizer.text_encoder_2_lr
@@ -38,7 +38,7 @@ optimizer.weight_decay optimizer.betas optimizer.eps optimizer.args
 scheduler.type scheduler.warmup_steps scheduler.num_cycles scheduler.power
 train.max_steps train.epochs train.batch_size train.gradient_accumulation_steps train.max_grad_norm
 train.mixed_precision train.gradient_checkpointing train.seed train.loss train.huber_c train.min_snr_gamma
-train.noise_offset train.min_timestep train.max_timestep train.output_dir train.output_name
+train.noise_offset train.min_timestep train.max_timestep train.normalize_masked_loss train.output_dir train.output_name
 save.every_n_steps save.every_n_epochs save.keep_last save.dtype save.state_every_n_steps save.keep_last_states
 save.target save.targets
 sample.every_n_steps sample.prompts sample.sampler sample.steps sample.cfg_scale sample.seed

@@ -153,6 +153,13 @@ class Resolver:
             elif not s.caption_extension.startswith("."):
                 self.fail(f"data.subsets.{i}.caption_extension",
                           f'"{s.caption_extension}" must start with a dot, e.g. ".txt"')
+            s.mask_path = self._input_dir(f"data.subsets.{i}.mask_path", s.mask_path)
+            if s.mask_path is not None and s.path is not None and os.path.realpath(s.mask_path) == os.path.realpath(s.path):
+                self.fail(f"data.subsets.{i}.mask_path", "is the subset's own folder, so each image would be its own "
+                                                         "mask; put the masks in a folder of their own")
+            if s.mask_path is not None and s.alpha_mask:
+                self.fail(f"data.subsets.{i}.alpha_mask", "a subset takes its loss masks from mask_path or from the "
+                                                          "alpha channel, not both; drop one of them")
             if d.cache_text_encoder_outputs and (s.shuffle_tags or s.caption_dropout or s.tag_dropout):
                 self.fail("data.cache_text_encoder_outputs",
                           f"cached text-encoder outputs need fixed captions, but data.subsets.{i} uses shuffle_tags, "

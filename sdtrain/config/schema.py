@@ -111,6 +111,12 @@ class SubsetConfig:
     flip: bool = setting(False, Bool(), "Randomly flip images horizontally (not for asymmetric characters).")
     class_caption: str | None = setting(None, Str(), "Caption used for images that have no caption file.",
                                         default_doc="none: an image without a caption file trains with an empty caption (the dry run counts them)")
+    mask_path: str | None = setting(None, Path("input_dir"),
+                                    "Folder of loss masks: a greyscale image per training image, same file name stem "
+                                    "(white = trained, black = ignored, grey = weighted); masked loss for this subset.",
+                                    default_doc="none (no masks)")
+    alpha_mask: bool = setting(False, Bool(), "Use each image's alpha channel as its loss mask (opaque = trained, "
+                                              "transparent = ignored; images without alpha train everywhere).")
 
 
 @dataclass
@@ -171,6 +177,10 @@ class TrainConfig:
     noise_offset: float = setting(0.0, Float(min=0), "Noise offset for darker/brighter images (0.0357 is common; 0 = off).")
     min_timestep: int = setting(0, Int(min=0, max=999), "Lowest training timestep.")
     max_timestep: int = setting(1000, Int(min=1, max=1000), "Highest training timestep (exclusive).")
+    normalize_masked_loss: bool = setting(True, Bool(), "With loss masks: divide each image's masked loss by its mask's "
+                                                        "mean, so every image counts fully however small its mask "
+                                                        "(OneTrainer's normalize_masked_area_loss); false: loss x mask "
+                                                        "averaged over the whole image, as kohya's masked_loss.")
     output_dir: str = setting("output", Path("output_dir"), "Folder for adapters, states, samples and the resolved config.")
     output_name: str | None = setting(None, Str(nonempty=True), "File name stem of saved adapters.",
                                       default_doc="the config file's name")

@@ -397,7 +397,9 @@ class Trainer:
         weights = None
         if cfg.train.min_snr_gamma:
             weights = min_snr_weights(compute_snr(scheduler, timesteps), cfg.train.min_snr_gamma, prediction_type)
-        return diffusion_loss(pred, target, cfg.train.loss, cfg.train.huber_c, weights)
+        masks = None if batch.masks is None else batch.masks.to(device)
+        return diffusion_loss(pred, target, cfg.train.loss, cfg.train.huber_c, weights, masks,
+                              cfg.train.normalize_masked_loss)
 
     def optimizer_step(self, step: int) -> float:
         """One optimizer step over `accumulation` global batches, accumulated by accelerate (the wrapped models

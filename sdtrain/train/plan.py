@@ -39,7 +39,8 @@ def subset_specs(cfg) -> list[SubsetSpec]:
         )
         specs.append(SubsetSpec(path=subset.path, repeats=subset.repeats, is_reg=subset.is_reg,
                                 caption_extension=subset.caption_extension or cfg.data.caption_extension,
-                                captions=captions, flip=subset.flip))
+                                captions=captions, flip=subset.flip, mask_path=subset.mask_path,
+                                alpha_mask=subset.alpha_mask))
     return specs
 
 
@@ -195,6 +196,11 @@ def describe_plan(plan: TrainingPlan, cfg) -> str:
                  f"accumulation = {plan.effective_batch} images per optimizer step")
     lines.append(f"steps: {plan.batches_per_epoch} batches of {plan.global_batch_size} per epoch = {plan.steps_per_epoch:g} optimizer steps "
                  f"per epoch; {plan.total_steps} steps in total ({plan.epochs:.2f} epochs)")
+    masked = sum(r.mask is not None for r in plan.dataset.records)
+    if masked:
+        how = ("each image's loss is averaged over its mask" if cfg.train.normalize_masked_loss else
+               "loss x mask averaged over the whole image, as kohya (train.normalize_masked_loss = false)")
+        lines.append(f"loss masks: {masked} of {len(plan.dataset.records)} images; {how}")
     lines.append(f"network: {cfg.network.type} rank {cfg.network.rank} alpha {cfg.network.alpha:g}, "
                  f"preset {cfg.network.preset}, axis {cfg.network.decompose_axis}")
     if plan.network_report:

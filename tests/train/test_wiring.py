@@ -15,9 +15,11 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from helpers_training import make_dataset, write_config
 from sdtrain.config import load_config
+from sdtrain.data.dataset import latent_item
 from sdtrain.train.loop import Trainer, TrainerCallback, train
 
 
@@ -120,6 +122,70 @@ def test_loss_options_reach_the_step(tmp_path):
                                                                    "epsilon"), rel=1e-5)
         assert batch["noise"].mean(dim=(2, 3)).abs().max() < 1.0
         assert batch["timesteps"].max() >= 100  # drawn over [0, 1000)
+
+
+def write_half_masks(folder, names, size=64):
+    """Loss masks for `names`: black (ignored) left half, grey 128 (weight 128/255) right half."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        mask = Image.new("L", (size, size), 128)
+        mask.paste(0, (0, 0, size // 2, size))
+        mask.save(folder / f"{name}.png")
+    return folder
+
+
+def test_alpha_masks_reach_the_plan(tmp_path):
+    """data.subsets.N.alpha_mask: the images' alpha channels become their loss masks (opaque = 1)."""
+    from sdtrain.data.masks import latent_mask
+    from sdtrain.train.plan import describe_plan, make_plan
+
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    rgba = Image.new("RGBA", (64, 64), (200, 0, 0, 0))
+    rgba.paste((200, 0, 0, 255), (0, 0, 16, 64))
+    rgba.save(folder / "cutout.png")
+    config = write_config(tmp_path, "alpha")
+    cfg = load_config(config, [f"data.subsets.0.path={folder}", "data.subsets.0.alpha_mask=true"])
+    plan = make_plan(cfg)
+    assert "loss masks: 1 of 1 images; each image's loss is averaged over its mask" in describe_plan(plan, cfg)
+    [record] = plan.dataset.records
+    expected = torch.zeros(1, 8, 8)
+    expected[..., :2] = 1
+    torch.testing.assert_close(latent_mask(latent_item(record, flip=False), (8, 8)), expected)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_loss_masks_reach_the_loss(tmp_path, cached):
+    """With a mask folder, the loss is the masked loss of the UNet's prediction (normalised per sample or, with
+    train.normalize_masked_loss = false, kohya's mean of loss x mask), and the ignored left half of every
+    latent gets exactly zero gradient; the same through the latent cache and encoded live."""
+    config = write_config(tmp_path, "masked")
+    masks = write_half_masks(tmp_path / "masks", [f"img{i}" for i in range(4)])
+    normalize = not cached
+    overrides = no_augmentation(2) + [f"data.subsets.0.mask_path={masks}", "train.batch_size=2",
+                                      f"data.cache_latents={str(cached).lower()}",
+                                      f"train.normalize_masked_loss={str(normalize).lower()}"]
+    grads = []
+
+    def capture_gradient(trainer, probe):
+        def hook(module, args, output):
+            output.sample.register_hook(lambda g: grads.append(g.detach().clone()))
+
+        trainer.base.unet.register_forward_hook(hook)
+
+    trainer, probe = probed_run(config, overrides, capture_gradient)
+    weight = 128 / 255
+    for batch, grad in zip(probe.batches, grads):
+        pred, noise = batch["pred"].double(), batch["noise"].double()  # epsilon: the target is the noise
+        right = (pred - noise)[..., 4:].square()
+        per_sample = right.flatten(1).mean(1) if normalize else weight * right.flatten(1).sum(1) / pred[0].numel()
+        assert batch["loss"].item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+        assert torch.count_nonzero(grad[..., :4]) == 0
+        assert torch.count_nonzero(grad[..., 4:]) == grad[..., 4:].numel()
+    assert len(grads) == len(probe.batches) == 2
+    if cached:
+        entries = list((tmp_path / "cache" / "latents").rglob("*.safetensors"))
+        assert entries and all("mask" in load_file(e) for e in entries)
 
 
 # ---------------------------------------------------------------- text conditioning
@@ -387,7 +453,9 @@ def test_every_config_key_is_read(tmp_path, capsys):
 
     prompts = 'sample.prompts=["a square --w 64 --h 64 --s 1"]'
     config = write_config(tmp_path, "keys")
+    masks = write_half_masks(tmp_path / "masks", ["img0"])
     overrides = no_augmentation(2) + [
+        f"data.subsets.0.mask_path={masks}", "train.normalize_masked_loss=false",
         "data.cache_text_encoder_outputs=true", "sample.every_n_steps=1", prompts, "save.every_n_steps=1",
         "save.every_n_epochs=1", "save.keep_last=1", "save.state_every_n_steps=1", "log.tensorboard=true",
         'save.targets=["comfyui"]']
