@@ -74,6 +74,8 @@ class Resolver:
         self.outputs()
         self.save()
         self.sample()
+        self.validation()
+        self.ema()
         self.log()
 
     # ------------------------------------------------------------ model
@@ -268,6 +270,23 @@ class Resolver:
                 parse_prompt_line(line)
             except ValueError as exc:
                 self.fail(f"sample.prompts.{i}", f'"{line}": {exc}')
+
+    def validation(self):
+        v, t = self.c.validation, self.c.train
+        v.path = self._input_dir("validation.path", v.path)
+        if v.seed is None:
+            v.seed = t.seed
+        if v.batch_size is None:
+            v.batch_size = t.batch_size
+        if v.fraction and v.path is not None:
+            self.fail("validation.path", f"validation images come from validation.path or from a held-out "
+                                         f"validation.fraction ({v.fraction:g}) of the training images, not both; "
+                                         "drop one of them")
+
+    def ema(self):
+        e = self.c.ema
+        if e.use_for_samples and not e.enabled:
+            self.fail("ema.use_for_samples", "needs the EMA: set ema.enabled = true, or drop ema.use_for_samples")
 
     def log(self):
         g = self.c.log

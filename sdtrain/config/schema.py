@@ -216,6 +216,36 @@ class SampleConfig:
 
 
 @dataclass
+class ValidationConfig:
+    fraction: float = setting(0.0, Float(min=0, max=0.5), "Hold out this fraction of the training images (at least "
+                                                         "one; chosen by validation.seed, never trained on) to compute "
+                                                         "a validation loss (0 = off).")
+    path: str | None = setting(None, Path("input_dir"), "Folder of held-out validation images with captions (instead "
+                                                        "of validation.fraction).", default_doc="none")
+    seed: int | None = setting(None, Int(min=0, max=MAX_SEED), "Seed of the held-out split and of the fixed validation "
+                                                               "noise.", default_doc="train.seed")
+    every_n_steps: int = setting(100, Int(min=1), "Compute the validation loss every N steps (and after the last step).")
+    timesteps: int = setting(4, Int(min=1, max=100), "Timesteps each validation image is evaluated at, evenly spaced "
+                                                     "over train.min_timestep..max_timestep, each with its own fixed "
+                                                     "noise.")
+    batch_size: int | None = setting(None, Int(min=1), "Validation samples per forward pass.",
+                                     default_doc="train.batch_size")
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = setting(False, Bool(), "Keep an exponential moving average of the adapter weights, saved as "
+                                           "<output_name>-ema.safetensors next to each adapter and in training states.")
+    decay: float = setting(0.999, Float(min=0, max=1),
+                           "EMA decay: ema = d x ema + (1 - d) x weights, with d = min(decay, (1 + k) / (10 + k)) at "
+                           "the k-th update (diffusers' EMAModel warm-up).")
+    every_n_steps: int = setting(1, Int(min=1), "Update the EMA every N optimizer steps.")
+    start_step: int = setting(0, Int(min=0), "The EMA equals the trained weights up to this step; its first update "
+                                             "after it starts it as their copy.")
+    use_for_samples: bool = setting(False, Bool(), "Render sample images with the EMA weights.")
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool | str = setting("auto", BoolOrAuto(), "Write TensorBoard event files (loss, learning rate, "
                                       "grad norm; the resolved config as hyperparameters); \"auto\": when the tensorboard package is installed "
@@ -234,6 +264,8 @@ class Config:
     train: TrainConfig = section(TrainConfig, "Training loop.")
     save: SaveConfig = section(SaveConfig, "Saving adapters and training states.")
     sample: SampleConfig = section(SampleConfig, "Sample images during training.")
+    validation: ValidationConfig = section(ValidationConfig, "Validation loss on held-out images.")
+    ema: EmaConfig = section(EmaConfig, "Exponential moving average of the adapter weights.")
     log: LogConfig = section(LogConfig, "Logging.")
 
 

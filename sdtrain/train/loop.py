@@ -15,6 +15,7 @@ computes exactly the steps an uninterrupted run would have (see `sdtrain.train.s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -43,6 +44,7 @@ class TrainResult:
     verify_report: object = None
     steps: int = 0
     state: Path | None = None  # the newest training state written
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss) of this run
 
 
 class TrainerCallback:
@@ -128,6 +130,7 @@ class Trainer:
         self._setup_training_modes()
         self.latent_cache = self._setup_latent_cache()
         self.text_cache = self._setup_text_cache()
+        self.validator = self._setup_validator()
         optimizer = self._setup_optimizer()
         models = [self.base.unet] + (self.text_encoders if self.train_te else [])
         *self.models, self.optimizer = self.accelerator.prepare(*models, optimizer)
@@ -135,6 +138,7 @@ class Trainer:
         if self.train_te:
             self.text_encoders = self.models[1:]  # through the DDP wrappers, so their gradients are all-reduced
         register_state_hooks(self.accelerator)
+        self.ema = self._setup_ema()
         self.global_step = self._restore_state(*resume) if resume else 0
         self.lr_scheduler = self._setup_lr_scheduler(optimizer, self.global_step)
 
@@ -283,6 +287,14 @@ class Trainer:
         accelerator.wait_for_everyone()
         return cache
 
+    def _setup_validator(self):
+        """The fixed validation samples (sdtrain.train.validation), encoded once, or None."""
+        from sdtrain.train.validation import Validator
+
+        if not self.plan.validation:
+            return None
+        return Validator(self.cfg, self.plan.validation, self.base, self.accelerator.device)
+
     def _encode_for_cache(self, captions: list[str]) -> dict[str, torch.Tensor]:
         cond = self.encode_text(captions)
         out = {"prompt_embeds": cond.prompt_embeds.float().cpu()}
@@ -301,6 +313,12 @@ class Trainer:
         self.trainable_params = [param for group in groups for param in group["params"]]  # clipped every step
         return build_optimizer(groups, opt.type, opt.lr, opt.weight_decay, opt.betas, opt.eps, opt.args)
 
+    def _setup_ema(self):
+        """The EMA of the adapter weights (sdtrain.train.ema), or None."""
+        from sdtrain.train.ema import AdapterEma
+
+        return AdapterEma.from_config(self.cfg.ema, self.trainable_params)
+
     def _restore_state(self, folder: Path, info: dict) -> int:
         """Load a training state into the prepared components; returns the step to continue from. The
         optimizer keeps its saved state, while the config's learning rates and settings apply from here."""
@@ -308,13 +326,19 @@ class Trainer:
 
         check_base(info, self.base.fingerprint)
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        self.adapters.load_trainable_state_dict(load_training_state(self.accelerator, folder))
+        from sdtrain.train.ema import split_state
+
+        saved, ema_state = split_state(load_training_state(self.accelerator, folder))
+        self.adapters.load_trainable_state_dict(saved)
         for group, values in zip(self.optimizer.param_groups, settings):
             group.update(values)
         if info.get("last_adapter"):
             self.last_save = Path(info["last_adapter"])
         self.result.state = folder
         step = int(info["global_step"])
+        if self.ema is not None and not self.ema.load_state_tensors(ema_state, step):
+            self.note(f"the state {folder} holds no EMA of the adapter weights; the EMA starts again from the "
+                      "trained weights at its next update")
         self.say(f"resumed from {folder} at step {step}")
         return step
 
@@ -485,11 +509,22 @@ class Trainer:
                      target=self.cfg.save.target)
         self.last_save = path
         self.result.saved.append(path)
+        if self.ema is not None:
+            with self.ema.applied():
+                ema_path = self.ema_adapter_path(None if final else step)
+                save_adapter(self.adapters, ema_path, dtype=self.cfg.save.dtype, metadata=self.metadata(step),
+                             target=self.cfg.save.target)
+            self.result.saved.append(ema_path)
         if not final and self.cfg.save.keep_last:
-            intermediates = sorted(self.output_dir.glob(f"{self.cfg.train.output_name}-step*.safetensors"))
-            for old in intermediates[:-self.cfg.save.keep_last]:
-                old.unlink(missing_ok=True)
+            for stem in ("", "-ema")[:1 + (self.ema is not None)]:
+                intermediates = sorted(self.output_dir.glob(f"{self.cfg.train.output_name}{stem}-step*.safetensors"))
+                for old in intermediates[:-self.cfg.save.keep_last]:
+                    old.unlink(missing_ok=True)
         return path
+
+    def ema_adapter_path(self, step: int | None) -> Path:
+        name = f"{self.cfg.train.output_name}-ema"
+        return self.output_dir / (f"{name}.safetensors" if step is None else f"{name}-step{step:06d}.safetensors")
 
     def save_state(self) -> Path:
         """A training state at the current step (see `sdtrain.train.state`); keeps the newest
@@ -499,7 +534,10 @@ class Trainer:
         if self.state_step == self.global_step:  # a stop right after a periodic state: it is this one
             return self.result.state
         info = state_info(self.cfg, self.plan, self.global_step, self.base.fingerprint, self.last_save)
-        path = save_training_state(self.accelerator, self.output_dir, adapter_state=self.adapters.trainable_state_dict(),
+        adapter_state = self.adapters.trainable_state_dict()
+        if self.ema is not None:
+            adapter_state.update(self.ema.state_tensors())
+        path = save_training_state(self.accelerator, self.output_dir, adapter_state=adapter_state,
                                    info=info, keep_last=self.cfg.save.keep_last_states)
         self.result.state, self.state_step = path, self.global_step
         return path
@@ -521,12 +559,22 @@ class Trainer:
             given = {k: v for k, v in parse_prompt_line(line).items() if v is not None}
             prompts.append({k: v for k, v in {**defaults, **given}.items() if v is not None})
         unet = self.accelerator.unwrap_model(self.unet)
-        with self.accelerator.autocast():
+        weights = self.ema.applied() if self.ema is not None and cfg.ema.use_for_samples else contextlib.nullcontext()
+        with weights, self.accelerator.autocast():
             paths = sample_images(base.arch, unet=unet, vae=base.vae, text_encoders=base.text_encoders,
                                   tokenizers=base.tokenizers, scheduler_config=base.noise_scheduler.config,
                                   prompts=prompts, sampler=cfg.sample.sampler, out_dir=self.output_dir / "samples",
                                   step=step, clip_skip=cfg.model.clip_skip)
         self.result.samples.extend(paths)
+
+    def validate(self, step: int) -> float:
+        """The validation loss at `step`: validation_log.csv, the trackers, the result."""
+        loss = self.validator.evaluate(self)
+        self.validation_log.write(step, loss)
+        if self.cfg.log.tensorboard:
+            self.accelerator.log({"validation_loss": loss}, step=step)
+        self.result.validation.append((step, loss))
+        return loss
 
     def verify_final(self, path: Path) -> str:
         if self.cfg.save.targets == [] or not self.is_main:
@@ -561,6 +609,11 @@ class Trainer:
             return self.result
         cfg, accelerator, plan = self.cfg, self.accelerator, self.plan
         self.loss_log = LossLog(self.output_dir / "loss_log.csv", keep_until=self.global_step, enabled=self.is_main)
+        if self.validator is not None:
+            from sdtrain.train.validation import ValidationLog
+
+            self.validation_log = ValidationLog(self.output_dir / "validation_log.csv", keep_until=self.global_step,
+                                                enabled=self.is_main)
         if cfg.log.tensorboard:
             accelerator.init_trackers("sdtrain", config=tracker_hyperparameters(cfg))
         bar = tqdm(total=plan.total_steps, initial=self.global_step, disable=not self.is_main or self.quiet,
@@ -615,6 +668,8 @@ class Trainer:
         """Saves, samples and states due after the step just taken (the end of the run saves its own)."""
         cfg, step = self.cfg, self.global_step
         done = step >= self.plan.total_steps
+        if self.ema is not None:
+            self.ema.after_step(step)
         if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and not done:
             self.save_adapter(step)
         if cfg.save.every_n_epochs and not done:
@@ -624,6 +679,8 @@ class Trainer:
                 self.save_adapter(step)
         if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0:
             self.sample(step)
+        if self.validator is not None and (step % cfg.validation.every_n_steps == 0 or done):
+            self.validate(step)
         if cfg.save.state_every_n_steps and step % cfg.save.state_every_n_steps == 0 and not done:
             self.save_state()
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers_training import make_dataset, write_config
+from helpers_training import closed_form, make_dataset, write_config, write_half_masks
 from sdtrain.config import load_config
 from sdtrain.data.dataset import latent_item
 from sdtrain.train.loop import Trainer, TrainerCallback, train
@@ -124,16 +124,6 @@ def test_loss_options_reach_the_step(tmp_path):
         assert batch["timesteps"].max() >= 100  # drawn over [0, 1000)
 
 
-def write_half_masks(folder, names, size=64):
-    """Loss masks for `names`: black (ignored) left half, grey 128 (weight 128/255) right half."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        mask = Image.new("L", (size, size), 128)
-        mask.paste(0, (0, 0, size // 2, size))
-        mask.save(folder / f"{name}.png")
-    return folder
-
-
 def test_alpha_masks_reach_the_plan(tmp_path):
     """data.subsets.N.alpha_mask: the images' alpha channels become their loss masks (opaque = 1)."""
     from sdtrain.data.masks import latent_mask
@@ -186,6 +176,95 @@ def test_loss_masks_reach_the_loss(tmp_path, cached):
     if cached:
         entries = list((tmp_path / "cache" / "latents").rglob("*.safetensors"))
         assert entries and all("mask" in load_file(e) for e in entries)
+
+
+def test_validation_options_reach_the_evaluation(tmp_path):
+    """validation.path / timesteps / seed / every_n_steps: the UNet sees the held-out images at the fixed
+    timesteps; the logged value is their mean loss, recomputed here with the final weights; training draws the
+    same steps as a run without validation."""
+    from sdtrain.train.batches import encode_pixels
+    from sdtrain.train.conditioning import encode_prompts, unet_added_cond_kwargs
+    from sdtrain.data.buckets import sdxl_time_ids
+    from sdtrain.data.dataset import latent_pixels
+    from sdtrain.train.validation import validation_generator
+
+    held = make_dataset(tmp_path / "held", count=2)
+    options = no_augmentation(3) + ["train.min_timestep=100", "train.max_timestep=300"]
+    plain, _ = probed_run(write_config(tmp_path, "plain"), options)
+    seen = []
+
+    def spy_validation(trainer, probe):
+        original = trainer.validator.evaluate
+
+        def evaluate(t):
+            handle = trainer.base.unet.register_forward_pre_hook(
+                lambda module, args: seen.append(args[1].tolist()))
+            try:
+                return original(t)
+            finally:
+                handle.remove()
+
+        trainer.validator.evaluate = evaluate
+
+    trainer, _ = probed_run(write_config(tmp_path, "validated"),
+                            options + [f"validation.path={held}", "validation.timesteps=2", "validation.seed=11",
+                                       "validation.every_n_steps=2", "validation.batch_size=4"], spy_validation)
+    assert trainer.result.losses == plain.result.losses  # validation touches no training randomness
+    assert [step for step, _ in trainer.result.validation] == [2, 3]
+    assert [sorted(t) for t in seen] == [[150, 150, 250, 250]] * 2  # one batch of 2 images x 2 timesteps
+    base, losses = trainer.base, []
+    with torch.no_grad():
+        for index, record in enumerate(trainer.plan.validation):
+            item = latent_item(record, flip=False)
+            latent = encode_pixels(base.vae, latent_pixels(item)[None])
+            cond = encode_prompts("sdxl", base.tokenizers, base.text_encoders, [record.caption])
+            time_ids = torch.tensor([sdxl_time_ids(item.original_size, item.crop_top_left, item.bucket)],
+                                    dtype=torch.float32)
+            for j, timestep in enumerate((150, 250)):
+                noise = torch.randn(latent.shape[1:], generator=validation_generator(11, index, j))[None]
+                acp = base.noise_scheduler.alphas_cumprod[timestep]
+                noisy = acp.sqrt() * latent + (1 - acp).sqrt() * noise
+                pred = base.unet(noisy, torch.tensor([timestep]), encoder_hidden_states=cond.prompt_embeds,
+                                 added_cond_kwargs=unet_added_cond_kwargs(cond, time_ids)).sample
+                losses.append((pred - noise).double().square().mean().item())
+    assert trainer.result.validation[-1][1] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+
+
+def test_ema_options_reach_the_average_and_the_samples(tmp_path, monkeypatch):
+    """ema.decay / every_n_steps / start_step: the trainer's EMA of the real adapters equals the closed form over
+    the trained weights; ema.use_for_samples: the sampler sees the EMA weights, training continues with its own;
+    the EMA adapter file holds the EMA weights."""
+    import sdtrain.train.sampling as sampling
+
+    trained, sampled = {}, {}
+
+    class Record(TrainerCallback):
+        def on_step_end(self, trainer, step, loss):
+            trained[step] = [p.detach().clone() for p in trainer.trainable_params]
+
+    def fake_sample_images(arch, **kwargs):
+        sampled[kwargs["step"]] = [p.detach().clone() for p in current.trainable_params]
+        return []
+
+    monkeypatch.setattr(sampling, "sample_images", fake_sample_images)
+    overrides = no_augmentation(7) + SGD + ["optimizer.lr=5.0", "ema.enabled=true", "ema.decay=0.2",
+                                            "ema.every_n_steps=2", "ema.start_step=1", "ema.use_for_samples=true",
+                                            "sample.every_n_steps=1", 'sample.prompts=["a square"]']
+    current = Trainer(load_config(write_config(tmp_path, "ema"), overrides), quiet=True, callbacks=[Record()])
+    current.run()
+    updates = [3, 5, 7]  # d = 2/11, then the decay 0.2 (below 3/12)
+    for step in range(1, 8):
+        due = [u for u in updates if u <= step]
+        for i, param in enumerate(sampled[step]):
+            expected = closed_form({s: trained[s][i] for s in due}, due, 0.2) if due else trained[step][i]
+            torch.testing.assert_close(param, expected, rtol=1e-6, atol=1e-7)
+    moved = [i for i, p in enumerate(trained[7]) if not torch.equal(p, trained[6][i])]
+    assert moved and any(not torch.equal(sampled[7][i], trained[7][i]) for i in moved)
+    with current.ema.applied():
+        ema_state = {k: v.clone() for k, v in current.adapters.trainable_state_dict().items()}
+    saved = load_file(str(tmp_path / "ema" / "run-ema.safetensors"))
+    ups = [k for k in ema_state if k.endswith("lora_up.weight")]
+    assert ups and all(torch.equal(saved[k], ema_state[k]) for k in ups)
 
 
 # ---------------------------------------------------------------- text conditioning
@@ -456,6 +535,9 @@ def test_every_config_key_is_read(tmp_path, capsys):
     masks = write_half_masks(tmp_path / "masks", ["img0"])
     overrides = no_augmentation(2) + [
         f"data.subsets.0.mask_path={masks}", "train.normalize_masked_loss=false",
+        "validation.fraction=0.25", "validation.seed=5", "validation.every_n_steps=1", "validation.timesteps=1",
+        "validation.batch_size=2", "ema.enabled=true", "ema.decay=0.9", "ema.every_n_steps=1", "ema.start_step=0",
+        "ema.use_for_samples=true",
         "data.cache_text_encoder_outputs=true", "sample.every_n_steps=1", prompts, "save.every_n_steps=1",
         "save.every_n_epochs=1", "save.keep_last=1", "save.state_every_n_steps=1", "log.tensorboard=true",
         'save.targets=["comfyui"]']
