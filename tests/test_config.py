@@ -41,11 +41,12 @@ train.mixed_precision train.gradient_checkpointing train.seed train.loss train.h
 train.noise_offset train.min_timestep train.max_timestep train.normalize_masked_loss train.output_dir train.output_name
 save.every_n_steps save.every_n_epochs save.keep_last save.dtype save.state_every_n_steps save.keep_last_states
 save.target save.targets
-sample.every_n_steps sample.prompts sample.sampler sample.steps sample.cfg_scale sample.seed
+sample.every_n_steps sample.every_n_epochs sample.at_start sample.prompts sample.sampler sample.steps
+sample.cfg_scale sample.seed
 validation.fraction validation.path validation.seed validation.every_n_steps validation.timesteps
 validation.batch_size
 ema.enabled ema.decay ema.every_n_steps ema.start_step ema.use_for_samples
-log.tensorboard log.log_dir log.log_every_n_steps
+log.tensorboard log.trackers log.log_dir log.log_every_n_steps
 """.split()
 
 MINIMAL = """\

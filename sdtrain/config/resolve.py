@@ -262,9 +262,12 @@ class Resolver:
         s = self.c.sample
         if s.seed is None:
             s.seed = self.c.train.seed
-        if s.every_n_steps and not s.prompts:
-            self.fail("sample.every_n_steps", f"{s.every_n_steps} asks for samples but sample.prompts is empty; "
-                                              'add prompts, e.g. prompts = ["a photo of sks person --w 1024 --h 1024"]')
+        for key, value in (("every_n_steps", s.every_n_steps), ("every_n_epochs", s.every_n_epochs),
+                           ("at_start", s.at_start)):
+            if value and not s.prompts:
+                shown = "true" if value is True else value
+                self.fail(f"sample.{key}", f"{shown} asks for samples but sample.prompts is empty; "
+                                           'add prompts, e.g. prompts = ["a photo of sks person --w 1024 --h 1024"]')
         for i, line in enumerate(s.prompts):
             try:
                 parse_prompt_line(line)
@@ -289,17 +292,34 @@ class Resolver:
             self.fail("ema.use_for_samples", "needs the EMA: set ema.enabled = true, or drop ema.use_for_samples")
 
     def log(self):
+        """log.trackers: the trackers asked for, with "tensorboard" when log.tensorboard is on ("auto": when the
+        tensorboard package is installed); every tracker's package must be installed."""
+        from sdtrain.train.trackers import TRACKER_PACKAGES
+
         g = self.c.log
         g.log_dir = self._output_dir("log.log_dir", g.log_dir or os.path.join(self.c.train.output_dir, "logs"))
+        trackers = list(dict.fromkeys(g.trackers or []))
+        if g.tensorboard is False and "tensorboard" in trackers:
+            self.fail("log.trackers", 'has "tensorboard" but log.tensorboard = false; drop one of them')
+            return
         installed = importlib.util.find_spec("tensorboard") is not None
         if g.tensorboard == "auto":
-            g.tensorboard = installed
-            if not installed:
+            g.tensorboard = installed or "tensorboard" in trackers
+            if not g.tensorboard:
                 self.note("TensorBoard logging is off: the tensorboard package is not installed (pip install "
                           "tensorboard turns it on; loss_log.csv in the output folder has the loss of every step)")
         elif g.tensorboard and not installed:
             self.fail("log.tensorboard", "needs the tensorboard package; install it (pip install tensorboard) "
                                          'or set log.tensorboard = "auto" or false')
+            return
+        if g.tensorboard and "tensorboard" not in trackers:
+            trackers.insert(0, "tensorboard")
+        for tracker in trackers:
+            package = TRACKER_PACKAGES[tracker]
+            if importlib.util.find_spec(package) is None:
+                self.fail("log.trackers", f'"{tracker}" needs the {package} package; install it (pip install '
+                                          f"{package}) or leave it out of log.trackers")
+        g.trackers = trackers
 
 
 def resolve_config(config: Config, base_dir: str, problems, stem: str | None = None) -> Config:

@@ -35,11 +35,13 @@ from sdtrain.limits import MAX_CFG_SCALE, MAX_RANK, MAX_REPEATS, MAX_SAMPLE_STEP
 from sdtrain.train.loss import LOSS_KINDS
 from sdtrain.train.optim import OPTIMIZER_TYPES, SCHEDULER_TYPES
 from sdtrain.train.sampling import SAMPLERS
+from sdtrain.train.trackers import TRACKER_PACKAGES
 
 ARCHS = ("auto", "sd15", "sd2", "sdxl")
 BUILTIN_MODELS = {"builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl"}
 DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
 EXPORT_TARGETS = tuple(EXPORT_TARGET_TABLE)
+TRACKERS = tuple(TRACKER_PACKAGES)
 CONSUMERS = ("comfyui", "forge", "comfyui-fixed", "a1111", "a1111-1.9", "lycoris", "diffusers")  # verify.LOADERS (imports torch)
 
 
@@ -207,6 +209,9 @@ class SaveConfig:
 @dataclass
 class SampleConfig:
     every_n_steps: int = setting(0, Int(min=0), "Render sample images every N steps (0 = off).")
+    every_n_epochs: int = setting(0, Int(min=0), "Render sample images every N epochs (0 = off).")
+    at_start: bool = setting(False, Bool(), "Also render sample images before the first step (step 0; a resumed run "
+                                            "does not render them again).")
     prompts: list[str] = setting(list, StrList(), "kohya prompt lines: text with --n negative, --w width, --h height, "
                                  "--d seed, --l CFG scale, --s steps.")
     sampler: str = setting("euler_a", Choice(tuple(SAMPLERS)), "Sampler for sample images.")
@@ -248,8 +253,14 @@ class EmaConfig:
 @dataclass
 class LogConfig:
     tensorboard: bool | str = setting("auto", BoolOrAuto(), "Write TensorBoard event files (loss, learning rate, "
-                                      "grad norm; the resolved config as hyperparameters); \"auto\": when the tensorboard package is installed "
-                                      "(pip install tensorboard), else off with a note.")
+                                      "grad norm, validation loss, sample grids; the resolved config as hyperparameters); \"auto\": when the tensorboard package is installed "
+                                      "(pip install tensorboard), else off with a note. Adds \"tensorboard\" to log.trackers.")
+    trackers: list[str] | None = setting(None, StrList(TRACKERS),
+                                         "Experiment trackers (accelerate's) that get the logged values, the sample "
+                                         "grids and the resolved config as hyperparameters; \"wandb\" needs pip "
+                                         "install wandb (WANDB_MODE=offline runs without network; wandb sync "
+                                         "uploads later).",
+                                         default_doc='["tensorboard"] when log.tensorboard is on, else []')
     log_dir: str | None = setting(None, Path("output_dir"), "Folder for logs.", default_doc="{train.output_dir}/logs")
     log_every_n_steps: int = setting(10, Int(min=1), "Log loss and learning rate every N steps.")
 

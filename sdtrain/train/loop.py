@@ -546,6 +546,7 @@ class Trainer:
         from sdtrain.config import parse_prompt_line
         from sdtrain.train.plan import resolution_of
         from sdtrain.train.sampling import sample_images
+        from sdtrain.train.trackers import log_sample_grid
 
         self.accelerator.wait_for_everyone()
         if not self.is_main or not self.cfg.sample.prompts:
@@ -566,12 +567,13 @@ class Trainer:
                                   prompts=prompts, sampler=cfg.sample.sampler, out_dir=self.output_dir / "samples",
                                   step=step, clip_skip=cfg.model.clip_skip)
         self.result.samples.extend(paths)
+        log_sample_grid(self.accelerator, paths, step)
 
     def validate(self, step: int) -> float:
         """The validation loss at `step`: validation_log.csv, the trackers, the result."""
         loss = self.validator.evaluate(self)
         self.validation_log.write(step, loss)
-        if self.cfg.log.tensorboard:
+        if self.cfg.log.trackers:
             self.accelerator.log({"validation_loss": loss}, step=step)
         self.result.validation.append((step, loss))
         return loss
@@ -596,7 +598,8 @@ class Trainer:
     def run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
-        from sdtrain.train.logs import LossLog, tracker_hyperparameters
+        from sdtrain.train.logs import LossLog
+        from sdtrain.train.trackers import start_trackers
 
         self.started = time.time()
         if self.base is None and self.finished_state is None:
@@ -614,8 +617,10 @@ class Trainer:
 
             self.validation_log = ValidationLog(self.output_dir / "validation_log.csv", keep_until=self.global_step,
                                                 enabled=self.is_main)
-        if cfg.log.tensorboard:
-            accelerator.init_trackers("sdtrain", config=tracker_hyperparameters(cfg))
+        if cfg.log.trackers:
+            start_trackers(accelerator, cfg)
+        if cfg.sample.at_start and self.global_step == 0:
+            self.sample(0)
         bar = tqdm(total=plan.total_steps, initial=self.global_step, disable=not self.is_main or self.quiet,
                    desc="training", dynamic_ncols=True)
         try:
@@ -628,7 +633,7 @@ class Trainer:
                     self.loss_log.write(self.global_step, loss, lr)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                    if cfg.log.tensorboard and self.global_step % cfg.log.log_every_n_steps == 0:
+                    if cfg.log.trackers and self.global_step % cfg.log.log_every_n_steps == 0:
                         values = {"loss": loss, "lr": lr}
                         if self.last_grad_norm is not None:
                             values["grad_norm"] = self.last_grad_norm
@@ -660,7 +665,7 @@ class Trainer:
             if summary:
                 self.say(summary)
             self.result.verify_summary = summary
-        if cfg.log.tensorboard:
+        if cfg.log.trackers:
             accelerator.end_training()
         return self.result
 
@@ -672,17 +677,21 @@ class Trainer:
             self.ema.after_step(step)
         if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and not done:
             self.save_adapter(step)
-        if cfg.save.every_n_epochs and not done:
-            per_epoch = self.plan.steps_per_epoch
-            epoch_before = math.floor((step - 1) / per_epoch)
-            if math.floor(step / per_epoch) > epoch_before and (epoch_before + 1) % cfg.save.every_n_epochs == 0:
-                self.save_adapter(step)
-        if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0:
+        if cfg.save.every_n_epochs and not done and self.epoch_ended(step, cfg.save.every_n_epochs):
+            self.save_adapter(step)
+        if (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0) or \
+                (cfg.sample.every_n_epochs and self.epoch_ended(step, cfg.sample.every_n_epochs)):
             self.sample(step)
         if self.validator is not None and (step % cfg.validation.every_n_steps == 0 or done):
             self.validate(step)
         if cfg.save.state_every_n_steps and step % cfg.save.state_every_n_steps == 0 and not done:
             self.save_state()
+
+    def epoch_ended(self, step: int, every_n_epochs: int) -> bool:
+        """Whether step `step` ends an epoch whose number (from 1) is a multiple of `every_n_epochs`."""
+        per_epoch = self.plan.steps_per_epoch
+        epoch_before = math.floor((step - 1) / per_epoch)
+        return math.floor(step / per_epoch) > epoch_before and (epoch_before + 1) % every_n_epochs == 0
 
     def stop_agreed(self) -> bool:
         """Whether a stop was asked for, in any process (they all stop after the same step)."""

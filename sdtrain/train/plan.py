@@ -210,6 +210,13 @@ def describe_plan(plan: TrainingPlan, cfg) -> str:
         lines.append(f"EMA of the adapter weights: decay {cfg.ema.decay:g}, updated every {cfg.ema.every_n_steps} "
                      f"steps after step {cfg.ema.start_step}" + (", used for samples" if cfg.ema.use_for_samples else "")
                      + f"; saved as {cfg.train.output_name}-ema.safetensors")
+    when = [label for label, on in (("before the first step", cfg.sample.at_start),
+                                    (f"every {cfg.sample.every_n_steps} steps", cfg.sample.every_n_steps),
+                                    (f"every {cfg.sample.every_n_epochs} epochs", cfg.sample.every_n_epochs)) if on]
+    if when and cfg.sample.prompts:
+        lines.append(f"samples: {len(cfg.sample.prompts)} prompts {', '.join(when)}")
+    lines.append("logs: loss_log.csv" + (f"; trackers {', '.join(cfg.log.trackers)} in {cfg.log.log_dir}"
+                                         if cfg.log.trackers else ""))
     lines.append(f"network: {cfg.network.type} rank {cfg.network.rank} alpha {cfg.network.alpha:g}, "
                  f"preset {cfg.network.preset}, axis {cfg.network.decompose_axis}")
     if plan.network_report:

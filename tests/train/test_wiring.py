@@ -267,6 +267,36 @@ def test_ema_options_reach_the_average_and_the_samples(tmp_path, monkeypatch):
     assert ups and all(torch.equal(saved[k], ema_state[k]) for k in ups)
 
 
+def test_sample_schedule_and_sample_grids_reach_the_tracker(tmp_path, monkeypatch):
+    """sample.at_start / every_n_epochs / every_n_steps decide the sampling steps (0, the epoch ends, every N);
+    each sampling sends one grid of the images to TensorBoard at its step."""
+    import sdtrain.train.sampling as sampling
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+
+    def fake_sample_images(arch, *, out_dir, step, prompts, **kwargs):
+        steps.append(step)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for index, colour in enumerate([(250, 0, 0), (0, 0, 250)]):
+            paths.append(out_dir / f"{step}-{index}.png")
+            Image.new("RGB", (16 + 8 * index, 16), colour).save(paths[-1])
+        return paths
+
+    monkeypatch.setattr(sampling, "sample_images", fake_sample_images)
+    overrides = no_augmentation(8) + ["sample.at_start=true", "sample.every_n_epochs=1", "sample.every_n_steps=3",
+                                      'sample.prompts=["a square"]', "log.tensorboard=true"]
+    trainer, _ = probed_run(write_config(tmp_path, "grids"), overrides)
+    assert trainer.plan.steps_per_epoch == 4
+    assert steps == [0, 3, 4, 6, 8]
+    events = EventAccumulator(str(tmp_path / "grids" / "logs" / "sdtrain"), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("samples")
+    assert [i.step for i in images] == steps
+    assert {(i.width, i.height) for i in images} == {(16 + 24, 16)}  # the two images side by side
+
+
 # ---------------------------------------------------------------- text conditioning
 
 
@@ -499,8 +529,11 @@ def test_revision_and_variant_reach_the_hub_download(tmp_path, monkeypatch):
 NOT_READ_YET = {
     "data.num_workers": "batches load in the main process; a torch DataLoader with workers is planned",
 }
-# Keys whose value reaches the trainer through the keys the resolver derives from them.
-DERIVED = {"data.caption_extension": ("data.subsets.N.caption_extension", ".cap")}
+# Keys whose value reaches the trainer through the keys the resolver derives from them: (the derived key, a
+# value for the key, what the derived key then holds).
+DERIVED = {"data.caption_extension": ("data.subsets.N.caption_extension", ".cap",
+                                      lambda cfg: cfg.data.subsets[0].caption_extension == ".cap"),
+           "log.tensorboard": ("log.trackers", "false", lambda cfg: cfg.log.trackers == [])}
 
 
 def record_reads(cfg, reads: set[str]) -> None:
@@ -537,7 +570,7 @@ def test_every_config_key_is_read(tmp_path, capsys):
         f"data.subsets.0.mask_path={masks}", "train.normalize_masked_loss=false",
         "validation.fraction=0.25", "validation.seed=5", "validation.every_n_steps=1", "validation.timesteps=1",
         "validation.batch_size=2", "ema.enabled=true", "ema.decay=0.9", "ema.every_n_steps=1", "ema.start_step=0",
-        "ema.use_for_samples=true",
+        "ema.use_for_samples=true", "sample.at_start=true", "sample.every_n_epochs=1",
         "data.cache_text_encoder_outputs=true", "sample.every_n_steps=1", prompts, "save.every_n_steps=1",
         "save.every_n_epochs=1", "save.keep_last=1", "save.state_every_n_steps=1", "log.tensorboard=true",
         'save.targets=["comfyui"]']
@@ -551,7 +584,7 @@ def test_every_config_key_is_read(tmp_path, capsys):
     unread = keys - reads - set(DERIVED)
     assert unread == set(NOT_READ_YET), f"keys no code reads: {sorted(unread - set(NOT_READ_YET))}; " \
                                         f"read now, drop from NOT_READ_YET: {sorted(set(NOT_READ_YET) - unread)}"
-    for source, (target, value) in DERIVED.items():
+    assert cfg.log.trackers == ["tensorboard"]  # from log.tensorboard = true
+    for source, (target, value, carried) in DERIVED.items():
         assert target in reads
-        changed = load_config(config, overrides + [f"{source}={value}"])
-        assert changed.data.subsets[0].caption_extension == value  # the resolver carries it into the target
+        assert carried(load_config(config, overrides + [f"{source}={value}"]))  # the resolver carries it over
