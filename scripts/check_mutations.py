@@ -85,6 +85,8 @@ MUTATIONS = [
              "pass", (f"{WIRING}::test_sample_schedule_and_sample_grids_reach_the_tracker",)),
     Mutation("trackers-ignored", "sdtrain/train/accelerator.py", "log_with=cfg.log.trackers or None,", "log_with=None,",
              (f"{WIRING}::test_sample_schedule_and_sample_grids_reach_the_tracker",)),
+    Mutation("validation-prompts", "sdtrain/train/loop.py", 'self.sample(step, self.cfg.validation.prompts, "validation")',
+             "pass", (f"{WIRING}::test_sample_schedule_and_sample_grids_reach_the_tracker",)),
     Mutation("mask-flip", "sdtrain/data/masks.py", "plan = plan_crop(tuple(image_size), tuple(bucket), flip=flip)",
              "plan = plan_crop(tuple(image_size), tuple(bucket))",
              ("tests/data/test_masks.py::test_mask_file_follows_exif_resize_crop_and_flip",)),

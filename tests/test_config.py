@@ -44,7 +44,7 @@ save.target save.targets
 sample.every_n_steps sample.every_n_epochs sample.at_start sample.prompts sample.sampler sample.steps
 sample.cfg_scale sample.seed
 validation.fraction validation.path validation.seed validation.every_n_steps validation.timesteps
-validation.batch_size
+validation.batch_size validation.prompts
 ema.enabled ema.decay ema.every_n_steps ema.start_step ema.use_for_samples
 log.tensorboard log.trackers log.log_dir log.log_every_n_steps
 """.split()

@@ -281,6 +281,14 @@ class Resolver:
             v.seed = t.seed
         if v.batch_size is None:
             v.batch_size = t.batch_size
+        if v.prompts and not (v.fraction or v.path):
+            self.fail("validation.prompts", "are rendered at each validation, but validation is off; set "
+                                            "validation.fraction (e.g. 0.1) or validation.path")
+        for i, line in enumerate(v.prompts):
+            try:
+                parse_prompt_line(line)
+            except ValueError as exc:
+                self.fail(f"validation.prompts.{i}", f'"{line}": {exc}')
         if v.fraction and v.path is not None:
             self.fail("validation.path", f"validation images come from validation.path or from a held-out "
                                          f"validation.fraction ({v.fraction:g}) of the training images, not both; "

@@ -235,6 +235,8 @@ class ValidationConfig:
                                                      "noise.")
     batch_size: int | None = setting(None, Int(min=1), "Validation samples per forward pass.",
                                      default_doc="train.batch_size")
+    prompts: list[str] = setting(list, StrList(), "Prompt lines (as sample.prompts, with the sample.* defaults) "
+                                                  "rendered at every validation into <output_dir>/validation.")
 
 
 @dataclass

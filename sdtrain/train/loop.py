@@ -542,21 +542,23 @@ class Trainer:
         self.result.state, self.state_step = path, self.global_step
         return path
 
-    def sample(self, step: int) -> None:
+    def sample(self, step: int, lines: list[str] | None = None, folder: str = "samples") -> None:
+        """Sample images of `lines` (sample.prompts) into <output_dir>/<folder>, and their grid to the trackers."""
         from sdtrain.config import parse_prompt_line
         from sdtrain.train.plan import resolution_of
         from sdtrain.train.sampling import sample_images
         from sdtrain.train.trackers import log_sample_grid
 
         self.accelerator.wait_for_everyone()
-        if not self.is_main or not self.cfg.sample.prompts:
+        lines = self.cfg.sample.prompts if lines is None else lines
+        if not self.is_main or not lines:
             return
         cfg, base = self.cfg, self.base
         width, height = resolution_of(cfg, self.arch)
         defaults = {"steps": cfg.sample.steps, "cfg": cfg.sample.cfg_scale, "seed": cfg.sample.seed,
                     "width": width, "height": height}
         prompts = []
-        for line in cfg.sample.prompts:  # a prompt line's own --w --h --d --l --s win over the defaults
+        for line in lines:  # a prompt line's own --w --h --d --l --s win over the defaults
             given = {k: v for k, v in parse_prompt_line(line).items() if v is not None}
             prompts.append({k: v for k, v in {**defaults, **given}.items() if v is not None})
         unet = self.accelerator.unwrap_model(self.unet)
@@ -564,10 +566,10 @@ class Trainer:
         with weights, self.accelerator.autocast():
             paths = sample_images(base.arch, unet=unet, vae=base.vae, text_encoders=base.text_encoders,
                                   tokenizers=base.tokenizers, scheduler_config=base.noise_scheduler.config,
-                                  prompts=prompts, sampler=cfg.sample.sampler, out_dir=self.output_dir / "samples",
+                                  prompts=prompts, sampler=cfg.sample.sampler, out_dir=self.output_dir / folder,
                                   step=step, clip_skip=cfg.model.clip_skip)
         self.result.samples.extend(paths)
-        log_sample_grid(self.accelerator, paths, step)
+        log_sample_grid(self.accelerator, paths, step, tag=folder)
 
     def validate(self, step: int) -> float:
         """The validation loss at `step`: validation_log.csv, the trackers, the result."""
@@ -576,6 +578,8 @@ class Trainer:
         if self.cfg.log.trackers:
             self.accelerator.log({"validation_loss": loss}, step=step)
         self.result.validation.append((step, loss))
+        if self.cfg.validation.prompts:
+            self.sample(step, self.cfg.validation.prompts, "validation")
         return loss
 
     def verify_final(self, path: Path) -> str:

@@ -205,7 +205,8 @@ def describe_plan(plan: TrainingPlan, cfg) -> str:
                "loss x mask averaged over the whole image, as kohya (train.normalize_masked_loss = false)")
         lines.append(f"loss masks: {masked} of {len(plan.dataset.records)} images; {how}")
     if plan.validation:
-        lines.append(describe_validation(cfg, plan.validation))
+        lines.append(describe_validation(cfg, plan.validation)
+                     + (f"; {len(cfg.validation.prompts)} prompts rendered each time" if cfg.validation.prompts else ""))
     if cfg.ema.enabled:
         lines.append(f"EMA of the adapter weights: decay {cfg.ema.decay:g}, updated every {cfg.ema.every_n_steps} "
                      f"steps after step {cfg.ema.start_step}" + (", used for samples" if cfg.ema.use_for_samples else "")

@@ -273,10 +273,10 @@ def test_sample_schedule_and_sample_grids_reach_the_tracker(tmp_path, monkeypatc
     import sdtrain.train.sampling as sampling
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    steps = []
+    steps, validation = [], []
 
     def fake_sample_images(arch, *, out_dir, step, prompts, **kwargs):
-        steps.append(step)
+        (steps if out_dir.name == "samples" else validation).append((step, out_dir.name, len(prompts)))
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for index, colour in enumerate([(250, 0, 0), (0, 0, 250)]):
@@ -286,14 +286,20 @@ def test_sample_schedule_and_sample_grids_reach_the_tracker(tmp_path, monkeypatc
 
     monkeypatch.setattr(sampling, "sample_images", fake_sample_images)
     overrides = no_augmentation(8) + ["sample.at_start=true", "sample.every_n_epochs=1", "sample.every_n_steps=3",
-                                      'sample.prompts=["a square"]', "log.tensorboard=true"]
+                                      'sample.prompts=["a square"]', "log.tensorboard=true",
+                                      f"validation.path={make_dataset(tmp_path / 'held', count=1)}",
+                                      "validation.every_n_steps=5", "validation.timesteps=1",
+                                      'validation.prompts=["one", "two"]']
     trainer, _ = probed_run(write_config(tmp_path, "grids"), overrides)
     assert trainer.plan.steps_per_epoch == 4
+    assert validation == [(5, "validation", 2), (8, "validation", 2)]  # validation.prompts at each validation
+    steps = [step for step, _, count in steps if count == 1]
     assert steps == [0, 3, 4, 6, 8]
     events = EventAccumulator(str(tmp_path / "grids" / "logs" / "sdtrain"), size_guidance={"images": 0})
     events.Reload()
     images = events.Images("samples")
     assert [i.step for i in images] == steps
+    assert [i.step for i in events.Images("validation")] == [5, 8]
     assert {(i.width, i.height) for i in images} == {(16 + 24, 16)}  # the two images side by side
 
 
@@ -571,6 +577,7 @@ def test_every_config_key_is_read(tmp_path, capsys):
         "validation.fraction=0.25", "validation.seed=5", "validation.every_n_steps=1", "validation.timesteps=1",
         "validation.batch_size=2", "ema.enabled=true", "ema.decay=0.9", "ema.every_n_steps=1", "ema.start_step=0",
         "ema.use_for_samples=true", "sample.at_start=true", "sample.every_n_epochs=1",
+        'validation.prompts=["a square --w 64 --h 64 --s 1"]',
         "data.cache_text_encoder_outputs=true", "sample.every_n_steps=1", prompts, "save.every_n_steps=1",
         "save.every_n_epochs=1", "save.keep_last=1", "save.state_every_n_steps=1", "log.tensorboard=true",
         'save.targets=["comfyui"]']
