@@ -34,15 +34,23 @@ def test_ema_updates_follow_the_closed_form():
     assert not AdapterEma([param], 0.2, 2, 1).load_state_tensors({}, 9)  # due updates but nothing saved
 
 
-def test_ema_resumes_bit_exactly_and_is_saved_as_its_own_adapter(tmp_path):
+def test_ema_resumes_bit_exactly_and_is_saved_as_its_own_adapter(tmp_path, monkeypatch):
+    """Also: sample.at_start renders at step 0 once, not again when the run resumes."""
+    import sdtrain.train.sampling as sampling
+
+    sampled = []
+    monkeypatch.setattr(sampling, "sample_images", lambda arch, *, step, **kwargs: sampled.append(step) or [])
     options = ["ema.enabled=true", "ema.decay=0.5", "ema.every_n_steps=2", "ema.start_step=1",
-               "save.state_every_n_steps=0"]
+               "save.state_every_n_steps=0", "sample.at_start=true", 'sample.prompts=["a square"]']
     straight = run(write_config(tmp_path, "straight", steps=6), options)
+    assert sampled == [0]
     config = write_config(tmp_path, "resumed", steps=6)
     stopped = run(config, options, stop_at=4)
+    assert sampled == [0, 0]
     _, saved_ema = split_state(load_file(str(stopped.result.state / "adapters.safetensors")))
     assert len(saved_ema) == len(stopped.trainable_params)
     resumed = run(config, options, resume="latest")
+    assert sampled == [0, 0]  # not again after the resume
     for folder in ("straight", "resumed"):
         assert (tmp_path / folder / "run-ema.safetensors").is_file()
     a, b = (load_file(str(tmp_path / f / "run-ema.safetensors")) for f in ("straight", "resumed"))
