@@ -23,6 +23,25 @@ def make_dataset(folder, count=4, size=64):
     return folder
 
 
+def write_half_masks(folder, names, size=64):
+    """Loss masks for `names`: black (ignored) left half, grey 128 (weight 128/255) right half."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        mask = Image.new("L", (size, size), 128)
+        mask.paste(0, (0, 0, size // 2, size))
+        mask.save(folder / f"{name}.png")
+    return folder
+
+
+def closed_form(weights: dict[int, torch.Tensor], updates: list[int], decay: float) -> torch.Tensor:
+    """ema after the given update steps: a copy at the first, then d_k = min(decay, (1 + k) / (10 + k))."""
+    ema = weights[updates[0]].clone()
+    for k, step in enumerate(updates[1:], start=1):
+        d = min(decay, (1 + k) / (10 + k))
+        ema = d * ema + (1 - d) * weights[step]
+    return ema
+
+
 def write_config(tmp_path, name: str, count: int = 4, steps: int = 40, extra: str = "", arch: str = "sdxl") -> str:
     """A config for the tiny `arch` model on `tmp_path/data` (made once), writing to `tmp_path/name`:
     DoRA rank 4 on attention, AdamW8bit, caption shuffling and dropout, flips, fp32, a state every 5 steps."""

@@ -31,7 +31,7 @@ data.subsets.N.path data.subsets.N.repeats data.subsets.N.is_reg data.subsets.N.
 data.subsets.N.shuffle_tags data.subsets.N.keep_tokens data.subsets.N.keep_tokens_separator
 data.subsets.N.tag_separator data.subsets.N.caption_dropout data.subsets.N.tag_dropout data.subsets.N.flip
 data.subsets.N.random_crop data.subsets.N.class_caption data.subsets.N.caption_prefix data.subsets.N.caption_suffix
-data.subsets.N.wildcards
+data.subsets.N.wildcards data.subsets.N.mask_path data.subsets.N.alpha_mask
 network.type network.rank network.alpha network.decompose_axis network.detach_norm network.preset network.include
 network.exclude network.conv_rank network.conv_alpha network.train_unet network.train_text_encoder
 optimizer.type optimizer.lr optimizer.unet_lr optimizer.text_encoder_lr optimizer.text_encoder_2_lr
@@ -41,11 +41,16 @@ train.max_steps train.epochs train.batch_size train.gradient_accumulation_steps 
 train.mixed_precision train.gradient_checkpointing train.compile train.seed train.loss train.huber_c train.min_snr_gamma
 train.debiased_estimation_loss train.scale_v_pred_loss_like_noise_pred train.prior_loss_weight train.noise_offset
 train.multires_noise_iterations train.multires_noise_discount train.ip_noise_gamma train.zero_terminal_snr
-train.timestep_sampling train.logit_mean train.logit_std train.timestep_shift train.min_timestep train.max_timestep train.output_dir train.output_name
+train.timestep_sampling train.logit_mean train.logit_std train.timestep_shift train.min_timestep train.max_timestep
+train.normalize_masked_loss train.output_dir train.output_name
 save.every_n_steps save.every_n_epochs save.keep_last save.dtype save.state_every_n_steps save.keep_last_states
 save.target save.targets
-sample.every_n_steps sample.prompts sample.sampler sample.steps sample.cfg_scale sample.seed
-log.tensorboard log.log_dir log.log_every_n_steps
+sample.every_n_steps sample.every_n_epochs sample.at_start sample.prompts sample.sampler sample.steps
+sample.cfg_scale sample.seed
+validation.fraction validation.path validation.seed validation.every_n_steps validation.timesteps
+validation.batch_size validation.prompts
+ema.enabled ema.decay ema.every_n_steps ema.start_step ema.use_for_samples
+log.tensorboard log.trackers log.log_dir log.log_every_n_steps
 """.split()
 
 MINIMAL = """\

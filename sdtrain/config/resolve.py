@@ -74,6 +74,8 @@ class Resolver:
         self.outputs()
         self.save()
         self.sample()
+        self.validation()
+        self.ema()
         self.log()
 
     # ------------------------------------------------------------ model
@@ -153,6 +155,13 @@ class Resolver:
             elif not s.caption_extension.startswith("."):
                 self.fail(f"data.subsets.{i}.caption_extension",
                           f'"{s.caption_extension}" must start with a dot, e.g. ".txt"')
+            s.mask_path = self._input_dir(f"data.subsets.{i}.mask_path", s.mask_path)
+            if s.mask_path is not None and s.path is not None and os.path.realpath(s.mask_path) == os.path.realpath(s.path):
+                self.fail(f"data.subsets.{i}.mask_path", "is the subset's own folder, so each image would be its own "
+                                                         "mask; put the masks in a folder of their own")
+            if s.mask_path is not None and s.alpha_mask:
+                self.fail(f"data.subsets.{i}.alpha_mask", "a subset takes its loss masks from mask_path or from the "
+                                                          "alpha channel, not both; drop one of them")
             if d.cache_text_encoder_outputs and (s.shuffle_tags or s.caption_dropout or s.tag_dropout):
                 self.fail("data.cache_text_encoder_outputs",
                           f"cached text-encoder outputs need fixed captions, but data.subsets.{i} uses shuffle_tags, "
@@ -281,27 +290,72 @@ class Resolver:
         s = self.c.sample
         if s.seed is None:
             s.seed = self.c.train.seed
-        if s.every_n_steps and not s.prompts:
-            self.fail("sample.every_n_steps", f"{s.every_n_steps} asks for samples but sample.prompts is empty; "
-                                              'add prompts, e.g. prompts = ["a photo of sks person --w 1024 --h 1024"]')
+        for key, value in (("every_n_steps", s.every_n_steps), ("every_n_epochs", s.every_n_epochs),
+                           ("at_start", s.at_start)):
+            if value and not s.prompts:
+                shown = "true" if value is True else value
+                self.fail(f"sample.{key}", f"{shown} asks for samples but sample.prompts is empty; "
+                                           'add prompts, e.g. prompts = ["a photo of sks person --w 1024 --h 1024"]')
         for i, line in enumerate(s.prompts):
             try:
                 parse_prompt_line(line)
             except ValueError as exc:
                 self.fail(f"sample.prompts.{i}", f'"{line}": {exc}')
 
+    def validation(self):
+        v, t = self.c.validation, self.c.train
+        v.path = self._input_dir("validation.path", v.path)
+        if v.seed is None:
+            v.seed = t.seed
+        if v.batch_size is None:
+            v.batch_size = t.batch_size
+        if v.prompts and not (v.fraction or v.path):
+            self.fail("validation.prompts", "are rendered at each validation, but validation is off; set "
+                                            "validation.fraction (e.g. 0.1) or validation.path")
+        for i, line in enumerate(v.prompts):
+            try:
+                parse_prompt_line(line)
+            except ValueError as exc:
+                self.fail(f"validation.prompts.{i}", f'"{line}": {exc}')
+        if v.fraction and v.path is not None:
+            self.fail("validation.path", f"validation images come from validation.path or from a held-out "
+                                         f"validation.fraction ({v.fraction:g}) of the training images, not both; "
+                                         "drop one of them")
+
+    def ema(self):
+        e = self.c.ema
+        if e.use_for_samples and not e.enabled:
+            self.fail("ema.use_for_samples", "needs the EMA: set ema.enabled = true, or drop ema.use_for_samples")
+
     def log(self):
+        """log.trackers: the trackers asked for, with "tensorboard" when log.tensorboard is on ("auto": when the
+        tensorboard package is installed); every tracker's package must be installed."""
+        from sdtrain.train.trackers import TRACKER_PACKAGES
+
         g = self.c.log
         g.log_dir = self._output_dir("log.log_dir", g.log_dir or os.path.join(self.c.train.output_dir, "logs"))
+        trackers = list(dict.fromkeys(g.trackers or []))
+        if g.tensorboard is False and "tensorboard" in trackers:
+            self.fail("log.trackers", 'has "tensorboard" but log.tensorboard = false; drop one of them')
+            return
         installed = importlib.util.find_spec("tensorboard") is not None
         if g.tensorboard == "auto":
-            g.tensorboard = installed
-            if not installed:
+            g.tensorboard = installed or "tensorboard" in trackers
+            if not g.tensorboard:
                 self.note("TensorBoard logging is off: the tensorboard package is not installed (pip install "
                           "tensorboard turns it on; loss_log.csv in the output folder has the loss of every step)")
         elif g.tensorboard and not installed:
             self.fail("log.tensorboard", "needs the tensorboard package; install it (pip install tensorboard) "
                                          'or set log.tensorboard = "auto" or false')
+            return
+        if g.tensorboard and "tensorboard" not in trackers:
+            trackers.insert(0, "tensorboard")
+        for tracker in trackers:
+            package = TRACKER_PACKAGES[tracker]
+            if importlib.util.find_spec(package) is None:
+                self.fail("log.trackers", f'"{tracker}" needs the {package} package; install it (pip install '
+                                          f"{package}) or leave it out of log.trackers")
+        g.trackers = trackers
 
 
 def resolve_config(config: Config, base_dir: str, problems, stem: str | None = None) -> Config:

@@ -36,11 +36,13 @@ from sdtrain.train.loss import LOSS_KINDS
 from sdtrain.train.optim import OPTIMIZER_TYPES, SCHEDULER_TYPES
 from sdtrain.train.sampling import SAMPLERS
 from sdtrain.train.timesteps import TIMESTEP_SAMPLINGS
+from sdtrain.train.trackers import TRACKER_PACKAGES
 
 ARCHS = ("auto", "sd15", "sd2", "sdxl")
 BUILTIN_MODELS = {"builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl"}
 DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
 EXPORT_TARGETS = tuple(EXPORT_TARGET_TABLE)
+TRACKERS = tuple(TRACKER_PACKAGES)
 CONSUMERS = ("comfyui", "forge", "comfyui-fixed", "a1111", "a1111-1.9", "lycoris", "diffusers")  # verify.LOADERS (imports torch)
 
 
@@ -123,6 +125,12 @@ class SubsetConfig:
     caption_suffix: str = setting("", Str(), "Text put after every caption of this subset, with a space (kohya caption_suffix).")
     wildcards: bool = setting(False, Bool(), "Wildcard captions (kohya enable_wildcard): each use of a caption picks one of "
                               "its file's non-empty lines and one alternative of every {a|b|c}; {{ and }} are literal braces.")
+    mask_path: str | None = setting(None, Path("input_dir"),
+                                    "Folder of loss masks: a greyscale image per training image, same file name stem "
+                                    "(white = trained, black = ignored, grey = weighted); masked loss for this subset.",
+                                    default_doc="none (no masks)")
+    alpha_mask: bool = setting(False, Bool(), "Use each image's alpha channel as its loss mask (opaque = trained, "
+                                              "transparent = ignored; images without alpha train everywhere).")
 
 
 @dataclass
@@ -210,6 +218,10 @@ class TrainConfig:
                                     "(1 = off).")
     min_timestep: int = setting(0, Int(min=0, max=999), "Lowest training timestep.")
     max_timestep: int = setting(1000, Int(min=1, max=1000), "Highest training timestep (exclusive).")
+    normalize_masked_loss: bool = setting(True, Bool(), "With loss masks: divide each image's masked loss by its mask's "
+                                                        "mean, so every image counts fully however small its mask "
+                                                        "(OneTrainer's normalize_masked_area_loss); false: loss x mask "
+                                                        "averaged over the whole image, as kohya's masked_loss.")
     output_dir: str = setting("output", Path("output_dir"), "Folder for adapters, states, samples and the resolved config.")
     output_name: str | None = setting(None, Str(nonempty=True), "File name stem of saved adapters.",
                                       default_doc="the config file's name")
@@ -236,6 +248,9 @@ class SaveConfig:
 @dataclass
 class SampleConfig:
     every_n_steps: int = setting(0, Int(min=0), "Render sample images every N steps (0 = off).")
+    every_n_epochs: int = setting(0, Int(min=0), "Render sample images every N epochs (0 = off).")
+    at_start: bool = setting(False, Bool(), "Also render sample images before the first step (step 0; a resumed run "
+                                            "does not render them again).")
     prompts: list[str] = setting(list, StrList(), "kohya prompt lines: text with --n negative, --w width, --h height, "
                                  "--d seed, --l CFG scale, --s steps.")
     sampler: str = setting("euler_a", Choice(tuple(SAMPLERS)), "Sampler for sample images.")
@@ -245,10 +260,48 @@ class SampleConfig:
 
 
 @dataclass
+class ValidationConfig:
+    fraction: float = setting(0.0, Float(min=0, max=0.5), "Hold out this fraction of the training images (at least "
+                                                         "one; chosen by validation.seed, never trained on) to compute "
+                                                         "a validation loss (0 = off).")
+    path: str | None = setting(None, Path("input_dir"), "Folder of held-out validation images with captions (instead "
+                                                        "of validation.fraction).", default_doc="none")
+    seed: int | None = setting(None, Int(min=0, max=MAX_SEED), "Seed of the held-out split and of the fixed validation "
+                                                               "noise.", default_doc="train.seed")
+    every_n_steps: int = setting(100, Int(min=1), "Compute the validation loss every N steps (and after the last step).")
+    timesteps: int = setting(4, Int(min=1, max=100), "Timesteps each validation image is evaluated at, evenly spaced "
+                                                     "over train.min_timestep..max_timestep, each with its own fixed "
+                                                     "noise.")
+    batch_size: int | None = setting(None, Int(min=1), "Validation samples per forward pass.",
+                                     default_doc="train.batch_size")
+    prompts: list[str] = setting(list, StrList(), "Prompt lines (as sample.prompts, with the sample.* defaults) "
+                                                  "rendered at every validation into <output_dir>/validation.")
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = setting(False, Bool(), "Keep an exponential moving average of the adapter weights, saved as "
+                                           "<output_name>-ema.safetensors next to each adapter and in training states.")
+    decay: float = setting(0.999, Float(min=0, max=1),
+                           "EMA decay: ema = d x ema + (1 - d) x weights, with d = min(decay, (1 + k) / (10 + k)) at "
+                           "the k-th update (diffusers' EMAModel warm-up).")
+    every_n_steps: int = setting(1, Int(min=1), "Update the EMA every N optimizer steps.")
+    start_step: int = setting(0, Int(min=0), "The EMA equals the trained weights up to this step; its first update "
+                                             "after it starts it as their copy.")
+    use_for_samples: bool = setting(False, Bool(), "Render sample images with the EMA weights.")
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool | str = setting("auto", BoolOrAuto(), "Write TensorBoard event files (loss, learning rate, "
-                                      "grad norm; the resolved config as hyperparameters); \"auto\": when the tensorboard package is installed "
-                                      "(pip install tensorboard), else off with a note.")
+                                      "grad norm, validation loss, sample grids; the resolved config as hyperparameters); \"auto\": when the tensorboard package is installed "
+                                      "(pip install tensorboard), else off with a note. Adds \"tensorboard\" to log.trackers.")
+    trackers: list[str] | None = setting(None, StrList(TRACKERS),
+                                         "Experiment trackers (accelerate's) that get the logged values, the sample "
+                                         "grids and the resolved config as hyperparameters; \"wandb\" needs pip "
+                                         "install wandb (WANDB_MODE=offline runs without network; wandb sync "
+                                         "uploads later).",
+                                         default_doc='["tensorboard"] when log.tensorboard is on, else []')
     log_dir: str | None = setting(None, Path("output_dir"), "Folder for logs.", default_doc="{train.output_dir}/logs")
     log_every_n_steps: int = setting(10, Int(min=1), "Log loss and learning rate every N steps. Only then does the host read values "
                                      "from the device (losses, the NaN/inf check; with several processes, the agreement on a stop).")
@@ -264,6 +317,8 @@ class Config:
     train: TrainConfig = section(TrainConfig, "Training loop.")
     save: SaveConfig = section(SaveConfig, "Saving adapters and training states.")
     sample: SampleConfig = section(SampleConfig, "Sample images during training.")
+    validation: ValidationConfig = section(ValidationConfig, "Validation loss on held-out images.")
+    ema: EmaConfig = section(EmaConfig, "Exponential moving average of the adapter weights.")
     log: LogConfig = section(LogConfig, "Logging.")
 
 

@@ -178,11 +178,12 @@ def plan_crop(original_size: Size, bucket: Size, random_crop: bool = False,
     return CropPlan((resized_w, resized_h), top, left, flip)
 
 
-def apply_crop(image: Image.Image, plan: CropPlan, bucket: Size) -> Image.Image:
-    """Resize `image` to plan.resized_size (Lanczos), flip if planned, and cut the bucket out."""
+def apply_crop(image: Image.Image, plan: CropPlan, bucket: Size,
+               resample: Image.Resampling = Image.Resampling.LANCZOS) -> Image.Image:
+    """Resize `image` to plan.resized_size (Lanczos; loss masks bilinear), flip if planned, and cut the bucket out."""
     if image.size != plan.resized_size:
         reducing_gap = 3.0 if plan.resized_size[0] < image.size[0] else None
-        image = image.resize(plan.resized_size, Image.Resampling.LANCZOS, reducing_gap=reducing_gap)
+        image = image.resize(plan.resized_size, resample, reducing_gap=reducing_gap)
     if plan.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return image.crop((plan.left, plan.top, plan.left + bucket[0], plan.top + bucket[1]))

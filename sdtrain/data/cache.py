@@ -1,8 +1,10 @@
 """On-disk caches of VAE latents and text-encoder outputs (one safetensors file per entry).
 
 Keys are sha256 digests, so a cache directory can be shared by runs, datasets and processes:
-- latents: image content hash + bucket + flip + crop offset + VAE fingerprint + CACHE_FORMAT;
-  a changed image has a new content hash, hence a new key, and is encoded again;
+- latents: image content hash + bucket + flip + crop offset + VAE fingerprint + CACHE_FORMAT, and for an image
+  with a loss mask the mask's source and content hash (`masks.MaskRef.cache_tag`); a changed image or mask has a
+  new content hash, hence a new key, and is encoded again. A masked entry holds the latent-size mask
+  (`masks.latent_mask`) next to the latent;
 - text: caption text + text-encoder fingerprint + CACHE_FORMAT.
 Entries are written to a temporary file and renamed into place, so a crash or two processes writing the same
 entry never leave a half-written file. Each file stores its key in the safetensors metadata and is only
@@ -27,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sdtrain.data.masks import MaskRef, latent_mask
 from sdtrain.errors import DataError
 from sdtrain.files import atomic_save_safetensors
 
@@ -37,7 +40,8 @@ Size = tuple[int, int]
 
 @dataclass(frozen=True)
 class LatentItem:
-    """One latent-cache entry: an image file cut to `bucket` at `crop_top_left`, flipped or not."""
+    """One latent-cache entry: an image file cut to `bucket` at `crop_top_left`, flipped or not, with its loss
+    mask when it has one."""
 
     path: Path
     content_hash: str
@@ -45,6 +49,7 @@ class LatentItem:
     bucket: Size
     flip: bool
     crop_top_left: tuple[int, int]
+    mask: MaskRef | None = None
 
 
 def _clean_config(config) -> dict:
@@ -134,8 +139,9 @@ class LatentCache:
 
     def key(self, item: LatentItem) -> str:
         (bw, bh), (top, left) = item.bucket, item.crop_top_left
+        mask = () if item.mask is None else (f"mask={item.mask.cache_tag()}",)
         return _digest(CACHE_FORMAT, "latent", item.content_hash, f"{bw}x{bh}", f"flip={int(item.flip)}",
-                       f"crop={top},{left}", self.vae_fingerprint)
+                       f"crop={top},{left}", self.vae_fingerprint, *mask)
 
     def missing(self, items: list[LatentItem]) -> list[LatentItem]:
         """Items without a valid entry (each key once, in input order)."""
@@ -160,7 +166,10 @@ class LatentCache:
                 if len(latents) != len(chunk):
                     raise ValueError(f"encode_fn returned {len(latents)} latents for {len(chunk)} items")
                 for item, latent in zip(chunk, latents):
-                    self.store.write(self.key(item), {"latents": latent})
+                    entry = {"latents": latent}
+                    if item.mask is not None:
+                        entry["mask"] = latent_mask(item, latent.shape[-2:])
+                    self.store.write(self.key(item), entry)
                 encoded += len(chunk)
                 if progress is not None:
                     progress(len(chunk))
@@ -168,6 +177,11 @@ class LatentCache:
 
     def load(self, item: LatentItem) -> torch.Tensor:
         return self.store.read(self.key(item))["latents"]
+
+    def load_with_mask(self, item: LatentItem) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(latents, the (1, h, w) loss mask or None) of one item."""
+        entry = self.store.read(self.key(item))
+        return entry["latents"], entry.get("mask")
 
     def get_or_encode(self, items: list[LatentItem], encode_fn, batch_size: int = 8) -> list[torch.Tensor]:
         """Latents for `items` (in order), encoding only the missing ones."""

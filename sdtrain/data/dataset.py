@@ -53,6 +53,7 @@ from sdtrain.data.captions import (
 from sdtrain.data.images import (
     IMAGE_EXTENSIONS, UnreadableImage, content_hash, decode_image, is_image_file, read_image_bytes,
 )
+from sdtrain.data.masks import MaskRef, find_mask_file, has_alpha, scan_mask_file
 from sdtrain.errors import ConfigError, DataError
 
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
@@ -70,6 +71,8 @@ class SubsetSpec:
     captions: CaptionOptions = field(default_factory=CaptionOptions)
     flip: bool = False
     random_crop: bool = False
+    mask_path: str | Path | None = None  # folder of loss masks (see sdtrain.data.masks)
+    alpha_mask: bool = False  # the images' alpha channels are their loss masks
 
     def __post_init__(self):
         if self.repeats is not None and self.repeats < 1:
@@ -121,6 +124,7 @@ class ImageRecord:
     subset_index: int = 0
     caption_source: str = "file"
     caption_cut: bool = False  # the caption file's first line was longer than MAX_CAPTION_CHARS
+    mask: MaskRef | None = None  # its loss mask (a subset's mask_path or alpha_mask), if it has one
 
 
 @dataclass(frozen=True)
@@ -172,9 +176,12 @@ def ignored_folders(spec: SubsetSpec) -> list[IgnoredFolder]:
         count = _count_images(root)
         return [IgnoredFolder(root, f'repeat count 0 in its name "{root.name}": not trained on', count)] if count else []
     root_is_repeat = bool(REPEAT_FOLDER.match(root.name))
+    masks = Path(spec.mask_path).resolve() if spec.mask_path is not None else None
     ignored = []
     for parent in searched:
         for sub in sorted(p for p in parent.iterdir() if p.is_dir() and p not in searched):
+            if sub.resolve() == masks:  # the subset's loss masks, not training images
+                continue
             count = _count_images(sub)
             if not count:
                 continue
@@ -244,10 +251,19 @@ def _scan_image(path: Path, folder: ImageFolder, spec: SubsetSpec, bucketing: Bu
         image = decode_image(data, path)
     except UnreadableImage as exc:
         return SkippedFile(path, exc.reason)
+    digest, mask = content_hash(data), None
+    if spec.mask_path is not None:
+        mask_file = find_mask_file(Path(spec.mask_path), path)
+        if mask_file is not None:
+            mask, problem = scan_mask_file(mask_file, image.size)
+            if mask is None:
+                return SkippedFile(mask_file, f"loss mask: {problem} (its image {path.name} was skipped)")
+    elif spec.alpha_mask and has_alpha(data):
+        mask = MaskRef("alpha", path, digest)
     return ImageRecord(
         path=path, caption=caption, repeats=folder.repeats, is_reg=spec.is_reg, original_size=image.size,
-        bucket=bucketing.assign(*image.size), content_hash=content_hash(data), subset_index=subset_index,
-        caption_source=source, caption_cut=caption_cut,
+        bucket=bucketing.assign(*image.size), content_hash=digest, subset_index=subset_index,
+        caption_source=source, caption_cut=caption_cut, mask=mask,
     )
 
 
@@ -316,12 +332,14 @@ class ScannedDataset:
 
     def fingerprint(self) -> str:
         """Digest of what the epoch plan and the steps depend on (order, image content, captions, repeats,
-        buckets, reg flags): store it in a checkpoint and compare on resume to detect a dataset that changed in
-        between."""
+        buckets, reg flags, loss masks): store it in a checkpoint and compare on resume to detect a dataset that
+        changed in between."""
         digest = hashlib.sha256()
         for r in self.records:
             caption = hashlib.sha256(r.caption.encode()).hexdigest()[:16]
-            digest.update(f"{r.content_hash}|{caption}|{r.repeats}|{r.bucket}|{r.is_reg}|{r.subset_index}\n".encode())
+            mask = "" if r.mask is None else f"|{r.mask.cache_tag()}"  # a changed loss mask trains differently
+            digest.update(f"{r.content_hash}|{caption}|{r.repeats}|{r.bucket}|{r.is_reg}|{r.subset_index}{mask}\n"
+                          .encode())
         return digest.hexdigest()[:32]
 
     def summary(self) -> str:
@@ -339,7 +357,8 @@ class ScannedDataset:
             uncaptioned = sum(r.caption_source == "none" for r in records)
             lines.append(f"  subset {index}: {spec.path}: {len(records)} images, repeats {repeats or '-'}"
                          + (", regularisation" if spec.is_reg else "")
-                         + (f", {uncaptioned} without caption" if uncaptioned else ""))
+                         + (f", {uncaptioned} without caption" if uncaptioned else "")
+                         + _mask_summary(spec, records))
         lines.append("buckets (width x height: images, samples per epoch):")
         samples = self.bucket_counts(samples=True)
         for bucket, images in self.bucket_counts().items():
@@ -360,6 +379,7 @@ class ScannedDataset:
                          f"({i.scale:.3g}x)" for i in shown)
             if len(self.small) > len(shown):
                 lines.append(f"  ... and {len(self.small) - len(shown)} more")
+        lines.extend(_unmasked_warnings(self.specs, self.records))
         cut = [r for r in self.records if r.caption_cut]
         if cut:
             lines.append(f"warning: {len(cut)} caption{'s are' if len(cut) != 1 else ' is'} longer than "
@@ -370,6 +390,32 @@ class ScannedDataset:
                 lines.append(f"  ... and {len(cut) - _LISTED} more")
         lines.extend(f"note: {text}" for text in self.notes)
         return "\n".join(lines)
+
+
+def _mask_summary(spec: SubsetSpec, records: list[ImageRecord]) -> str:
+    if spec.mask_path is None and not spec.alpha_mask:
+        return ""
+    source = f"from {spec.mask_path}" if spec.mask_path is not None else "from their alpha channels"
+    return f", loss masks {source}: {sum(r.mask is not None for r in records)} of {len(records)} images"
+
+
+def _unmasked_warnings(specs: list[SubsetSpec], records: list[ImageRecord]) -> list[str]:
+    """Warnings for images of masked subsets that have no mask (they train on the whole image)."""
+    lines = []
+    for index, spec in enumerate(specs):
+        if spec.mask_path is None and not spec.alpha_mask:
+            continue
+        unmasked = [r.path for r in records if r.subset_index == index and r.mask is None]
+        if not unmasked:
+            continue
+        why = (f"no mask file with the same name in {spec.mask_path}" if spec.mask_path is not None
+               else "no alpha channel")
+        lines.append(f"warning: {len(unmasked)} image{'s' if len(unmasked) != 1 else ''} of subset {index} "
+                     f"{'have' if len(unmasked) != 1 else 'has'} {why}: trained on the whole image:")
+        lines.extend(f"  {path}" for path in unmasked[:_LISTED])
+        if len(unmasked) > _LISTED:
+            lines.append(f"  ... and {len(unmasked) - _LISTED} more")
+    return lines
 
 
 def scan_dataset(specs: list[SubsetSpec], bucketing: Bucketing | None = None,
@@ -527,7 +573,7 @@ def load_checked(path: Path, expected_hash: str):
 def latent_item(record: ImageRecord, flip: bool) -> LatentItem:
     plan = plan_crop(record.original_size, record.bucket, flip=flip)
     return LatentItem(record.path, record.content_hash, record.original_size, record.bucket, flip,
-                      (plan.top, plan.left))
+                      (plan.top, plan.left), record.mask)
 
 
 def latent_items(dataset: ScannedDataset) -> list[LatentItem]:

@@ -27,12 +27,14 @@ from dataclasses import dataclass, fields, replace
 from typing import Iterator
 
 import torch
+from PIL import Image
 
 from sdtrain.data.buckets import apply_crop, plan_crop, sdxl_time_ids
 from sdtrain.data.captions import augment_caption
 from sdtrain.data.dataset import (
     PlannedBatches, SampleKey, ScannedDataset, image_to_tensor, latent_item, load_checked, locate_step, sample_rng,
 )
+from sdtrain.data.masks import load_mask_image, mask_to_tensor
 from sdtrain.errors import UserError
 
 
@@ -52,7 +54,9 @@ class Batch:
 
     `latents` (from the latent cache, already scaled) or `pixels` ([-1, 1], encoded by the trainer's VAE);
     `prompt_embeds` / `pooled_embeds` when the text-encoder cache holds the captions' outputs; `time_ids`:
-    SDXL's (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample.
+    SDXL's (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample; `masks` [b, 1, h, w] in
+    [0, 1] when a sample has a loss mask (ones for the others): latent-size from the latent cache, pixel-size
+    with `pixels` (the trainer averages them down to the latents' size, `sdtrain.data.masks.to_latent_size`).
     """
 
     global_index: int
@@ -64,6 +68,7 @@ class Batch:
     pixels: torch.Tensor | None = None
     prompt_embeds: torch.Tensor | None = None
     pooled_embeds: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
 
     @property
     def epoch(self) -> int:
@@ -124,20 +129,25 @@ class BatchRequests(torch.utils.data.Sampler):
 
 def load_sample(dataset: ScannedDataset, key: SampleKey, seed: int, latent_cache=None, text_cache=None) -> dict:
     """One planned sample as a dict: its flip (`flipped`), crop and caption drawn from `sample_rng(seed, key)` (in
-    that order), then `latents` from `latent_cache` or `pixels` from the image file, SDXL's `time_ids`, and
-    text-encoder outputs (`text`) from `text_cache`."""
+    that order), then `latents` from `latent_cache` or `pixels` from the image file, the loss `mask` (from the
+    cache, or cut like the pixels) or None, SDXL's `time_ids`, and text-encoder outputs (`text`) from
+    `text_cache`."""
     record = dataset.records[key.record]
     spec = dataset.specs[record.subset_index]
     rng = sample_rng(seed, key)
     flip = spec.flip and rng.random() < 0.5
     if latent_cache is not None:  # the cache holds centred crops only (latent_items refuses random_crop)
         item = latent_item(record, flip)
-        sample = {"flipped": flip, "latents": latent_cache.load(item)}
+        latents, mask = latent_cache.load_with_mask(item)
+        sample = {"flipped": flip, "latents": latents, "mask": mask}
         crop = item.crop_top_left
     else:
         image = load_checked(record.path, record.content_hash)
         plan = plan_crop(image.size, record.bucket, spec.random_crop, rng, flip)
-        sample = {"flipped": flip, "pixels": image_to_tensor(apply_crop(image, plan, record.bucket))}
+        sample = {"flipped": flip, "pixels": image_to_tensor(apply_crop(image, plan, record.bucket)), "mask": None}
+        if record.mask is not None:  # the image's crop plan, bilinear so that a 0/1 edge does not ring
+            mask = load_mask_image(record.mask, record.original_size)
+            sample["mask"] = mask_to_tensor(apply_crop(mask, plan, record.bucket, resample=Image.Resampling.BILINEAR))
         crop = (plan.top, plan.left)
     sample["caption"] = augment_caption(record.caption, spec.captions, rng)
     sample["time_ids"] = sdxl_time_ids(record.original_size, crop, record.bucket)
@@ -157,11 +167,16 @@ def load_batch(dataset: ScannedDataset, request: BatchRequest, seed: int, latent
         values = [s[name] if field is None else s[name].get(field) for s in samples]
         return None if values[0] is None else torch.stack(values).float()
 
+    masks = None
+    if any(s["mask"] is not None for s in samples):
+        shape = next(s["mask"].shape for s in samples if s["mask"] is not None)
+        masks = torch.stack([torch.ones(shape) if s["mask"] is None else s["mask"].float() for s in samples])
     return Batch(global_index=request.global_index, keys=list(request.keys), slot_offset=request.slot_offset,
                  captions=[s["caption"] for s in samples],
                  time_ids=torch.tensor([s["time_ids"] for s in samples], dtype=torch.float32),
                  latents=stacked("latents"), pixels=stacked("pixels"),
-                 prompt_embeds=stacked("text", "prompt_embeds"), pooled_embeds=stacked("text", "pooled_embeds"))
+                 prompt_embeds=stacked("text", "prompt_embeds"), pooled_embeds=stacked("text", "pooled_embeds"),
+                 masks=masks)
 
 
 @dataclass(frozen=True)

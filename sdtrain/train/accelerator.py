@@ -22,7 +22,7 @@ class DistributedSetupError(UserError):
 
 def make_accelerator(cfg):
     """accelerate's Accelerator for this run: CPU (gloo) when there is no GPU, mixed precision and gradient
-    accumulation from the config, TensorBoard when `log.tensorboard` is on."""
+    accumulation from the config, the trackers of `log.trackers`."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
@@ -38,7 +38,7 @@ def make_accelerator(cfg):
     try:
         accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu,
                                   gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-                                  log_with="tensorboard" if cfg.log.tensorboard else None, project_config=project,
+                                  log_with=cfg.log.trackers or None, project_config=project,
                                   kwargs_handlers=[ddp])
     except ValueError as error:
         if "already been initialized" not in str(error):

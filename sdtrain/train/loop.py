@@ -15,6 +15,7 @@ computes exactly the steps an uninterrupted run would have (see `sdtrain.train.s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -41,6 +42,7 @@ class TrainResult:
     verify_report: object = None
     steps: int = 0
     state: Path | None = None  # the newest training state written
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss) of this run
 
 
 class TrainerCallback:
@@ -133,12 +135,14 @@ class Trainer:
         self._setup_training_modes()
         self.latent_cache = self._setup_latent_cache()
         self.text_cache = self._setup_text_cache()
+        self.validator = self._setup_validator()
         optimizer = self._setup_optimizer()
         models = [self.base.unet] + (self.text_encoders if self.train_te else [])
         *self.models, self.optimizer = self.accelerator.prepare(*models, optimizer)
         self.unet = self.models[0]
         if self.train_te:
             self.text_encoders = self.models[1:]  # through the DDP wrappers, so their gradients are all-reduced
+        self.ema = self._setup_ema()
         self.global_step = self._restore_state(*resume) if resume else 0
         self.lr_scheduler = self._setup_lr_scheduler(optimizer, self.global_step)
 
@@ -328,6 +332,14 @@ class Trainer:
         accelerator.wait_for_everyone()
         return cache
 
+    def _setup_validator(self):
+        """The fixed validation samples (sdtrain.train.validation), encoded once, or None."""
+        from sdtrain.train.validation import Validator
+
+        if not self.plan.validation:
+            return None
+        return Validator(self.cfg, self.plan.validation, self.base, self.accelerator.device)
+
     def _encode_for_cache(self, captions: list[str]) -> dict[str, torch.Tensor]:
         cond = self.encode_text(captions)
         out = {"prompt_embeds": cond.prompt_embeds.float().cpu()}
@@ -346,6 +358,12 @@ class Trainer:
         self.trainable_params = [param for group in groups for param in group["params"]]  # clipped every step
         return build_optimizer(groups, opt.type, opt.lr, opt.weight_decay, opt.betas, opt.eps, opt.args)
 
+    def _setup_ema(self):
+        """The EMA of the adapter weights (sdtrain.train.ema), or None."""
+        from sdtrain.train.ema import AdapterEma
+
+        return AdapterEma.from_config(self.cfg.ema, self.trainable_params)
+
     def _restore_state(self, folder: Path, info: dict) -> int:
         """Load a training state into the prepared components; returns the step to continue from. The
         optimizer keeps its saved state, while the config's learning rates and settings apply from here."""
@@ -353,13 +371,19 @@ class Trainer:
 
         check_base(info, self.base.fingerprint)
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        self.adapters.load_trainable_state_dict(load_training_state(self.accelerator, folder, self.optimizer))
+        from sdtrain.train.ema import split_state
+
+        saved, ema_state = split_state(load_training_state(self.accelerator, folder, self.optimizer))
+        self.adapters.load_trainable_state_dict(saved)
         for group, values in zip(self.optimizer.param_groups, settings):
             group.update(values)
         if info.get("last_adapter"):
             self.last_save = Path(info["last_adapter"])
         self.result.state = folder
         step = int(info["global_step"])
+        if self.ema is not None and not self.ema.load_state_tensors(ema_state, step):
+            self.note(f"the state {folder} holds no EMA of the adapter weights; the EMA starts again from the "
+                      "trained weights at its next update")
         self.say(f"resumed from {folder} at step {step}")
         return step
 
@@ -464,7 +488,11 @@ class Trainer:
                                  scale_v_pred_loss_like_noise_pred=cfg.train.scale_v_pred_loss_like_noise_pred,
                                  debiased_estimation=cfg.train.debiased_estimation_loss,
                                  prior_loss_weight=cfg.train.prior_loss_weight)
-        return diffusion_loss(pred, target, cfg.train.loss, cfg.train.huber_c, weights)
+        masks = batch.masks
+        if masks is not None and masks.shape[-2:] != latents.shape[-2:]:  # pixel-size masks of uncached latents
+            masks = torch.nn.functional.interpolate(masks, size=latents.shape[-2:], mode="area")  # as to_latent_size
+        return diffusion_loss(pred, target, cfg.train.loss, cfg.train.huber_c, weights, masks,
+                              cfg.train.normalize_masked_loss)
 
     def optimizer_step(self, step: int) -> torch.Tensor:
         """One optimizer step over `accumulation` global batches, accumulated by accelerate (the wrapped models
@@ -520,14 +548,14 @@ class Trainer:
         return self.accelerator.reduce(values, reduction="mean")
 
     def write_logs(self, rows) -> None:
-        """Steps' values on the host (`sdtrain.train.logs.StepRow`) into loss_log.csv, `result.losses`, TensorBoard
+        """Steps' values on the host (`sdtrain.train.logs.StepRow`) into loss_log.csv, `result.losses`, the trackers
         (the steps at multiples of log.log_every_n_steps) and the progress bar."""
         cfg = self.cfg
         if not rows:
             return
         self.loss_log.write(rows)
         self.result.losses.extend(row.loss for row in rows)
-        if cfg.log.tensorboard:
+        if cfg.log.trackers:
             for row in rows:
                 if row.step % cfg.log.log_every_n_steps == 0:
                     values = {"loss": row.loss, "lr": row.lr}
@@ -575,11 +603,22 @@ class Trainer:
                      target=self.cfg.save.target)
         self.last_save = path
         self.result.saved.append(path)
+        if self.ema is not None:
+            with self.ema.applied():
+                ema_path = self.ema_adapter_path(None if final else step)
+                save_adapter(self.adapters, ema_path, dtype=self.cfg.save.dtype, metadata=self.metadata(step),
+                             target=self.cfg.save.target)
+            self.result.saved.append(ema_path)
         if not final and self.cfg.save.keep_last:
-            intermediates = sorted(self.output_dir.glob(f"{self.cfg.train.output_name}-step*.safetensors"))
-            for old in intermediates[:-self.cfg.save.keep_last]:
-                old.unlink(missing_ok=True)
+            for stem in ("", "-ema")[:1 + (self.ema is not None)]:
+                intermediates = sorted(self.output_dir.glob(f"{self.cfg.train.output_name}{stem}-step*.safetensors"))
+                for old in intermediates[:-self.cfg.save.keep_last]:
+                    old.unlink(missing_ok=True)
         return path
+
+    def ema_adapter_path(self, step: int | None) -> Path:
+        name = f"{self.cfg.train.output_name}-ema"
+        return self.output_dir / (f"{name}.safetensors" if step is None else f"{name}-step{step:06d}.safetensors")
 
     def save_state(self) -> Path:
         """A training state at the current step (see `sdtrain.train.state`); keeps the newest
@@ -591,36 +630,54 @@ class Trainer:
             return self.result.state
         check_before_save(self, "the training state")
         info = state_info(self.cfg, self.plan, self.global_step, self.base.fingerprint, self.last_save)
+        adapter_state = self.adapters.trainable_state_dict()
+        if self.ema is not None:
+            adapter_state.update(self.ema.state_tensors())
         path = save_training_state(self.accelerator, self.output_dir, optimizer=self.optimizer,
-                                   adapter_state=self.adapters.trainable_state_dict(), info=info,
-                                   keep_last=self.cfg.save.keep_last_states)
+                                   adapter_state=adapter_state, info=info, keep_last=self.cfg.save.keep_last_states)
         self.result.state, self.state_step = path, self.global_step
         return path
 
-    def sample(self, step: int) -> None:
+    def sample(self, step: int, lines: list[str] | None = None, folder: str = "samples") -> None:
+        """Sample images of `lines` (sample.prompts) into <output_dir>/<folder>, and their grid to the trackers."""
         from sdtrain.config import parse_prompt_line
         from sdtrain.train.plan import resolution_of
         from sdtrain.train.sampling import sample_images
+        from sdtrain.train.trackers import log_sample_grid
 
         self.accelerator.wait_for_everyone()
-        if not self.is_main or not self.cfg.sample.prompts:
+        lines = self.cfg.sample.prompts if lines is None else lines
+        if not self.is_main or not lines:
             return
         cfg, base = self.cfg, self.base
         width, height = resolution_of(cfg, self.arch)
         defaults = {"steps": cfg.sample.steps, "cfg": cfg.sample.cfg_scale, "seed": cfg.sample.seed,
                     "width": width, "height": height}
         prompts = []
-        for line in cfg.sample.prompts:  # a prompt line's own --w --h --d --l --s win over the defaults
+        for line in lines:  # a prompt line's own --w --h --d --l --s win over the defaults
             given = {k: v for k, v in parse_prompt_line(line).items() if v is not None}
             prompts.append({k: v for k, v in {**defaults, **given}.items() if v is not None})
         unet = self.accelerator.unwrap_model(self.unet)
-        with self.accelerator.autocast():
+        weights = self.ema.applied() if self.ema is not None and cfg.ema.use_for_samples else contextlib.nullcontext()
+        with weights, self.accelerator.autocast():
             paths = sample_images(base.arch, unet=unet, vae=base.vae, text_encoders=base.text_encoders,
                                   tokenizers=base.tokenizers, scheduler_config=base.noise_scheduler.config,
-                                  prompts=prompts, sampler=cfg.sample.sampler, out_dir=self.output_dir / "samples",
+                                  prompts=prompts, sampler=cfg.sample.sampler, out_dir=self.output_dir / folder,
                                   step=step, clip_skip=cfg.model.clip_skip,
                                   max_token_length=cfg.model.max_token_length)
         self.result.samples.extend(paths)
+        log_sample_grid(self.accelerator, paths, step, tag=folder)
+
+    def validate(self, step: int) -> float:
+        """The validation loss at `step`: validation_log.csv, the trackers, the result."""
+        loss = self.validator.evaluate(self)
+        self.validation_log.write(step, loss)
+        if self.cfg.log.trackers:
+            self.accelerator.log({"validation_loss": loss}, step=step)
+        self.result.validation.append((step, loss))
+        if self.cfg.validation.prompts:
+            self.sample(step, self.cfg.validation.prompts, "validation")
+        return loss
 
     def verify_final(self, path: Path) -> str:
         if self.cfg.save.targets == [] or not self.is_main:
@@ -658,7 +715,8 @@ class Trainer:
     def _run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
-        from sdtrain.train.logs import LossLog, tracker_hyperparameters
+        from sdtrain.train.logs import LossLog
+        from sdtrain.train.trackers import start_trackers
 
         self.started = time.time()
         if self.base is None and self.finished_state is None:
@@ -671,8 +729,15 @@ class Trainer:
             return self.result
         cfg, accelerator, plan = self.cfg, self.accelerator, self.plan
         self.loss_log = LossLog(self.output_dir / "loss_log.csv", keep_until=self.global_step, enabled=self.is_main)
-        if cfg.log.tensorboard:
-            accelerator.init_trackers("sdtrain", config=tracker_hyperparameters(cfg))
+        if self.validator is not None:
+            from sdtrain.train.validation import ValidationLog
+
+            self.validation_log = ValidationLog(self.output_dir / "validation_log.csv", keep_until=self.global_step,
+                                                enabled=self.is_main)
+        if cfg.log.trackers:
+            start_trackers(accelerator, cfg)
+        if cfg.sample.at_start and self.global_step == 0:
+            self.sample(0)
         bar = self.bar = tqdm(total=plan.total_steps, initial=self.global_step,
                               disable=not self.is_main or self.quiet, desc="training", dynamic_ncols=True)
         try:
@@ -715,7 +780,7 @@ class Trainer:
             if summary:
                 self.say(summary)
             self.result.verify_summary = summary
-        if cfg.log.tensorboard:
+        if cfg.log.trackers:
             accelerator.end_training()
         return self.result
 
@@ -723,17 +788,25 @@ class Trainer:
         """Saves, samples and states due after the step just taken (the end of the run saves its own)."""
         cfg, step = self.cfg, self.global_step
         done = step >= self.plan.total_steps
+        if self.ema is not None:
+            self.ema.after_step(step)
         if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and not done:
             self.save_adapter(step)
-        if cfg.save.every_n_epochs and not done:
-            per_epoch = self.plan.steps_per_epoch
-            epoch_before = math.floor((step - 1) / per_epoch)
-            if math.floor(step / per_epoch) > epoch_before and (epoch_before + 1) % cfg.save.every_n_epochs == 0:
-                self.save_adapter(step)
-        if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0:
+        if cfg.save.every_n_epochs and not done and self.epoch_ended(step, cfg.save.every_n_epochs):
+            self.save_adapter(step)
+        if (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0) or \
+                (cfg.sample.every_n_epochs and self.epoch_ended(step, cfg.sample.every_n_epochs)):
             self.sample(step)
+        if self.validator is not None and (step % cfg.validation.every_n_steps == 0 or done):
+            self.validate(step)
         if cfg.save.state_every_n_steps and step % cfg.save.state_every_n_steps == 0 and not done:
             self.save_state()
+
+    def epoch_ended(self, step: int, every_n_epochs: int) -> bool:
+        """Whether step `step` ends an epoch whose number (from 1) is a multiple of `every_n_epochs`."""
+        per_epoch = self.plan.steps_per_epoch
+        epoch_before = math.floor((step - 1) / per_epoch)
+        return math.floor(step / per_epoch) > epoch_before and (epoch_before + 1) % every_n_epochs == 0
 
     def stop_agreed(self) -> bool:
         """Whether a stop was asked for, in any process (they all stop after the same step). Several processes

@@ -107,9 +107,26 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str = "eps
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
+def masked_mean(elementwise: torch.Tensor, mask: torch.Tensor | None, normalize: bool = True) -> torch.Tensor:
+    """Per-sample mean [b] of an elementwise loss [b, c, h, w] weighted by a loss mask [b, 1, h, w] in [0, 1].
+
+    normalize: Σ(loss·mask) / Σ(mask) over each sample (its masked area's mean loss; 0 for an all-zero mask);
+    else mean(loss·mask) over the whole sample, as kohya's `apply_masked_loss` followed by its per-sample mean.
+    """
+    if mask is None:
+        return elementwise.flatten(1).mean(dim=1)
+    weighted = (elementwise * mask.to(elementwise)).flatten(1)
+    if not normalize:
+        return weighted.mean(dim=1)
+    area = mask.to(elementwise).expand_as(elementwise).flatten(1).sum(dim=1)
+    return weighted.sum(dim=1) / area.clamp_min(1e-8)
+
+
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c: float = 0.1,
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Scalar loss: elementwise loss averaged per sample, multiplied by `weights` [b], averaged over the batch.
+                   weights: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                   normalize_mask: bool = True) -> torch.Tensor:
+    """Scalar loss: elementwise loss, weighted by the loss `mask` and averaged per sample (`masked_mean`),
+    multiplied by the per-sample `weights` [b], averaged over the batch.
 
     l2: (p − t)²; l1: |p − t|; huber: the pseudo-Huber 2c(√((p − t)² + c²) − c) that kohya's sd-scripts uses
     (≈ (p − t)² near 0, ≈ 2c|p − t| far from it). Computed in float32.
@@ -123,7 +140,7 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", h
         elementwise = 2 * huber_c * ((diff.square() + huber_c**2).sqrt() - huber_c)
     else:
         raise ConfigError(f"train.loss = {kind!r} is not supported; use one of {', '.join(LOSS_KINDS)}")
-    per_sample = elementwise.flatten(1).mean(dim=1)
+    per_sample = masked_mean(elementwise, mask, normalize_mask)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample)
     return per_sample.mean()

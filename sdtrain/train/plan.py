@@ -21,6 +21,7 @@ from sdtrain.config.schema import BUILTIN_MODELS
 from sdtrain.data.buckets import Bucketing
 from sdtrain.data.captions import CaptionOptions
 from sdtrain.data.dataset import ScannedDataset, SubsetSpec, locate_step, scan_dataset, steps_per_epoch
+from sdtrain.train.validation import describe_validation, validation_split
 
 
 
@@ -42,7 +43,8 @@ def subset_specs(cfg) -> list[SubsetSpec]:
         )
         specs.append(SubsetSpec(path=subset.path, repeats=subset.repeats, is_reg=subset.is_reg,
                                 caption_extension=subset.caption_extension or cfg.data.caption_extension,
-                                captions=captions, flip=subset.flip, random_crop=subset.random_crop))
+                                captions=captions, flip=subset.flip, random_crop=subset.random_crop,
+                                mask_path=subset.mask_path, alpha_mask=subset.alpha_mask))
     return specs
 
 
@@ -134,6 +136,7 @@ class TrainingPlan:
     network_report: str | None = None
     trainable_params: int | None = None
     warnings: list[str] = field(default_factory=list)
+    validation: list = field(default_factory=list)  # held-out ImageRecords (sdtrain.train.validation)
 
     @property
     def global_batch_size(self) -> int:
@@ -169,13 +172,14 @@ def total_steps_for(cfg, batches_per_epoch: int, batches_per_step: int) -> int:
 def make_plan(cfg, processes: int = 1, with_network: bool = True) -> TrainingPlan:
     """Scan the data and work out steps and the network, without loading model weights."""
     arch = detect_arch(cfg)
-    dataset = scan_dataset(subset_specs(cfg), bucketing_for(cfg, arch))
+    dataset, validation = validation_split(cfg, scan_dataset(subset_specs(cfg), bucketing_for(cfg, arch)))
     per_epoch = steps_per_epoch(dataset.records, cfg.train.batch_size * processes, cfg.train.seed)
     batches_per_step = cfg.train.gradient_accumulation_steps
     total = total_steps_for(cfg, per_epoch, batches_per_step)
     plan = TrainingPlan(arch=arch, dataset=dataset, batch_size=cfg.train.batch_size, processes=processes,
                         accumulation=cfg.train.gradient_accumulation_steps, batches_per_epoch=per_epoch,
-                        total_steps=total, epochs=total * batches_per_step / per_epoch, seed=cfg.train.seed)
+                        total_steps=total, epochs=total * batches_per_step / per_epoch, seed=cfg.train.seed,
+                        validation=validation)
     if with_network:
         from sdtrain.adapters.inject import NetworkSpec, count_trainable_params, plan_injection, plan_report
 
@@ -198,6 +202,25 @@ def describe_plan(plan: TrainingPlan, cfg) -> str:
                  f"accumulation = {plan.effective_batch} images per optimizer step")
     lines.append(f"steps: {plan.batches_per_epoch} batches of {plan.global_batch_size} per epoch = {plan.steps_per_epoch:g} optimizer steps "
                  f"per epoch; {plan.total_steps} steps in total ({plan.epochs:.2f} epochs)")
+    masked = sum(r.mask is not None for r in plan.dataset.records)
+    if masked:
+        how = ("each image's loss is averaged over its mask" if cfg.train.normalize_masked_loss else
+               "loss x mask averaged over the whole image, as kohya (train.normalize_masked_loss = false)")
+        lines.append(f"loss masks: {masked} of {len(plan.dataset.records)} images; {how}")
+    if plan.validation:
+        lines.append(describe_validation(cfg, plan.validation)
+                     + (f"; {len(cfg.validation.prompts)} prompts rendered each time" if cfg.validation.prompts else ""))
+    if cfg.ema.enabled:
+        lines.append(f"EMA of the adapter weights: decay {cfg.ema.decay:g}, updated every {cfg.ema.every_n_steps} "
+                     f"steps after step {cfg.ema.start_step}" + (", used for samples" if cfg.ema.use_for_samples else "")
+                     + f"; saved as {cfg.train.output_name}-ema.safetensors")
+    when = [label for label, on in (("before the first step", cfg.sample.at_start),
+                                    (f"every {cfg.sample.every_n_steps} steps", cfg.sample.every_n_steps),
+                                    (f"every {cfg.sample.every_n_epochs} epochs", cfg.sample.every_n_epochs)) if on]
+    if when and cfg.sample.prompts:
+        lines.append(f"samples: {len(cfg.sample.prompts)} prompts {', '.join(when)}")
+    lines.append("logs: loss_log.csv" + (f"; trackers {', '.join(cfg.log.trackers)} in {cfg.log.log_dir}"
+                                         if cfg.log.trackers else ""))
     lines.append(f"network: {cfg.network.type} rank {cfg.network.rank} alpha {cfg.network.alpha:g}, "
                  f"preset {cfg.network.preset}, axis {cfg.network.decompose_axis}")
     if plan.network_report:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_training import run, write_config
+from helpers_training import make_dataset, run, write_config, write_half_masks
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.distributed, "is_gloo_available")
                                 or not torch.distributed.is_gloo_available(), reason="needs gloo")
@@ -36,12 +36,18 @@ def test_two_processes_match_one_process_with_double_batch_and_resume(tmp_path):
     # 8-bit optimizers normalise near-zero gradient entries and turn last-bit differences into visible ones)
     # no weight decay: DDP hands zero gradients (not none) to the adapters of CLIP-L's last layer, which SDXL's
     # conditioning never reads, and weight decay would then shrink them in the 2-process run only
+    # a validation folder (12 fixed samples shared out between the processes), loss masks on the training images
+    # and an EMA (each process keeps its own, the same)
+    held = make_dataset(tmp_path / "held", count=3)
+    masks = write_half_masks(tmp_path / "masks", ["img0", "img1", "img2"])
     options = ["optimizer.type=SGD", "optimizer.lr=2.0", "optimizer.weight_decay=0", "network.train_text_encoder=true",
                "train.gradient_accumulation_steps=2",
                # per-sample draws and weights: the same on any process count
                "train.multires_noise_iterations=3", "train.ip_noise_gamma=0.1", "train.timestep_sampling=logit_normal",
                "train.timestep_shift=2", "train.debiased_estimation_loss=true", "model.max_token_length=150",
-               "data.subsets.0.caption_prefix=sks,"]
+               "data.subsets.0.caption_prefix=sks,",
+               f"validation.path={held}", "validation.every_n_steps=2",
+               f"data.subsets.0.mask_path={masks}", "ema.enabled=true", "ema.decay=0.5", "ema.start_step=2"]
     sets = [x for item in options for x in ("--set", item)]
     config = write_config(tmp_path, "ddp", count=4, steps=steps)
     done = torchrun(config, "--set", "train.batch_size=1", *sets)
@@ -58,12 +64,24 @@ def test_two_processes_match_one_process_with_double_batch_and_resume(tmp_path):
     assert moved > 1e-3  # lora_up starts at zero: training moved it 100x more than the tolerance
     losses = [float(line.split(",")[1]) for line in (tmp_path / "ddp" / "loss_log.csv").read_text().splitlines()[1:]]
     assert losses == pytest.approx(single.result.losses, rel=1e-4)
+    validation = [line.split(",") for line in (tmp_path / "ddp" / "validation_log.csv").read_text().splitlines()[1:]]
+    assert [int(step) for step, _ in validation] == [2, 4, 6]
+    assert [float(loss) for _, loss in validation] == pytest.approx([v for _, v in single.result.validation], rel=1e-4)
 
     resumed = write_config(tmp_path, "resumed", count=4, steps=steps)
     torchrun(resumed, "--set", "train.batch_size=1", *sets, "--set", "train.max_steps=3")
     done = torchrun(resumed, "--set", "train.batch_size=1", *sets, "--resume", "latest")
     assert "resumed from" in done.stdout and "at step 3" in done.stdout
     again = load_file(str(tmp_path / "resumed" / "run.safetensors"))
+    ema_two, ema_one = (load_file(str(tmp_path / folder / "run-ema.safetensors")) for folder in ("ddp", "single"))
+    for key in ema_one:
+        torch.testing.assert_close(ema_two[key], ema_one[key], rtol=1e-4, atol=1e-5)
+    ema_again = load_file(str(tmp_path / "resumed" / "run-ema.safetensors"))
+    assert all(torch.equal(ema_two[key], ema_again[key]) for key in ema_two)
+    # the same validation values, plus the one the first run (max_steps = 3) computed after its last step
+    resumed_rows = (tmp_path / "resumed" / "validation_log.csv").read_text().splitlines()
+    straight_rows = (tmp_path / "ddp" / "validation_log.csv").read_text().splitlines()
+    assert [row for row in resumed_rows if not row.startswith("3,")] == straight_rows
     for key in two:
         assert torch.equal(two[key], again[key]), key
 

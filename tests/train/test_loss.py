@@ -109,3 +109,28 @@ def test_huber_limits():
 def test_unknown_loss_kind():
     with pytest.raises(ConfigError, match="train.loss"):
         diffusion_loss(torch.zeros(1, 1), torch.zeros(1, 1), "mse")
+
+
+def test_masked_loss_weights_and_normalises_per_sample():
+    """Hand values: the normalised loss is each sample's mean over its masked area; unnormalised, loss·mask
+    averaged over the whole sample (kohya). A zero half of the mask gets exactly zero gradient."""
+    pred = torch.zeros(2, 4, 2, 4, requires_grad=True)
+    target = torch.arange(64, dtype=torch.float32).view(2, 4, 2, 4) / 10
+    mask = torch.zeros(2, 1, 2, 4)
+    mask[0, :, :, 2:] = 1.0  # sample 0: right half
+    mask[1] = 0.5  # sample 1: everywhere at half weight
+    sq = target.square()
+    right = sq[0, :, :, 2:].mean()
+    assert diffusion_loss(pred, target, mask=mask).item() == pytest.approx(((right + sq[1].mean()) / 2).item(),
+                                                                          rel=1e-6)
+    kohya = (sq[0, :, :, 2:].sum() / 32 + 0.5 * sq[1].mean()) / 2
+    assert diffusion_loss(pred, target, mask=mask, normalize_mask=False).item() == pytest.approx(kohya.item(),
+                                                                                                rel=1e-6)
+    weights = torch.tensor([2.0, 0.0])
+    assert diffusion_loss(pred, target, weights=weights, mask=mask).item() == pytest.approx(right.item(), rel=1e-6)
+    diffusion_loss(pred, target, mask=mask).backward()
+    assert torch.count_nonzero(pred.grad[0, :, :, :2]) == 0 and torch.count_nonzero(pred.grad[0, :, :, 2:]) == 16
+    none = torch.zeros(1, 1, 2, 4)
+    assert diffusion_loss(pred[:1], target[:1], mask=none).item() == 0.0  # an empty mask trains nothing
+    ones = torch.ones(2, 1, 2, 4)
+    assert diffusion_loss(pred, target, mask=ones).item() == pytest.approx(diffusion_loss(pred, target).item())

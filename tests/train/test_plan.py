@@ -52,3 +52,15 @@ def test_dry_run_shows_noise_timestep_weight_and_text_settings(tmp_path, capsys)
     load_config(config, ["train.logit_std=2", "train.multires_noise_discount=0.5"], notes=notes)
     assert any("train.logit_std = 2 has no effect" in n for n in notes)
     assert any("train.multires_noise_discount = 0.5 has no effect" in n for n in notes)
+
+
+def test_plan_shows_samples_ema_and_trackers(tmp_path):
+    cfg = load_config(write_config(tmp_path, "plan"), [
+        "sample.at_start=true", "sample.every_n_epochs=2", 'sample.prompts=["a", "b"]', "ema.enabled=true",
+        "ema.decay=0.99", "ema.every_n_steps=5", "ema.start_step=100", "ema.use_for_samples=true",
+        "log.tensorboard=false"])
+    text = describe_plan(make_plan(cfg, with_network=False), cfg)
+    assert "samples: 2 prompts before the first step, every 2 epochs" in text
+    assert ("EMA of the adapter weights: decay 0.99, updated every 5 steps after step 100, used for samples; saved "
+            "as run-ema.safetensors") in text
+    assert "logs: loss_log.csv\n" in text

@@ -15,9 +15,11 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
-from helpers_training import make_dataset, write_config
+from helpers_training import closed_form, make_dataset, write_config, write_half_masks
 from sdtrain.config import load_config
+from sdtrain.data.dataset import latent_item
 from sdtrain.train.loop import Trainer, TrainerCallback, train
 
 
@@ -206,6 +208,185 @@ def test_loss_weight_options_reach_the_step(tmp_path):
         weights = 1 / (snr + 1) * snr / (snr + 1) * torch.where(is_reg, 0.25, 1.0).double()
         assert batch["loss"].item() == pytest.approx((per_sample * weights).mean().item(), rel=1e-5)
     assert regs >= 2
+
+
+def test_alpha_masks_reach_the_plan(tmp_path):
+    """data.subsets.N.alpha_mask: the images' alpha channels become their loss masks (opaque = 1)."""
+    from sdtrain.data.masks import latent_mask
+    from sdtrain.train.plan import describe_plan, make_plan
+
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    rgba = Image.new("RGBA", (64, 64), (200, 0, 0, 0))
+    rgba.paste((200, 0, 0, 255), (0, 0, 16, 64))
+    rgba.save(folder / "cutout.png")
+    config = write_config(tmp_path, "alpha")
+    cfg = load_config(config, [f"data.subsets.0.path={folder}", "data.subsets.0.alpha_mask=true"])
+    plan = make_plan(cfg)
+    assert "loss masks: 1 of 1 images; each image's loss is averaged over its mask" in describe_plan(plan, cfg)
+    [record] = plan.dataset.records
+    expected = torch.zeros(1, 8, 8)
+    expected[..., :2] = 1
+    torch.testing.assert_close(latent_mask(latent_item(record, flip=False), (8, 8)), expected)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_loss_masks_reach_the_loss(tmp_path, cached):
+    """With a mask folder, the loss is the masked loss of the UNet's prediction (normalised per sample or, with
+    train.normalize_masked_loss = false, kohya's mean of loss x mask), and the ignored left half of every
+    latent gets exactly zero gradient; the same through the latent cache and encoded live."""
+    config = write_config(tmp_path, "masked")
+    masks = write_half_masks(tmp_path / "masks", [f"img{i}" for i in range(4)])
+    normalize = not cached
+    overrides = no_augmentation(2) + [f"data.subsets.0.mask_path={masks}", "train.batch_size=2",
+                                      f"data.cache_latents={str(cached).lower()}",
+                                      f"train.normalize_masked_loss={str(normalize).lower()}"]
+    grads = []
+
+    def capture_gradient(trainer, probe):
+        def hook(module, args, output):
+            output.sample.register_hook(lambda g: grads.append(g.detach().clone()))
+
+        trainer.base.unet.register_forward_hook(hook)
+
+    trainer, probe = probed_run(config, overrides, capture_gradient)
+    weight = 128 / 255
+    for batch, grad in zip(probe.batches, grads):
+        pred, noise = batch["pred"].double(), batch["noise"].double()  # epsilon: the target is the noise
+        right = (pred - noise)[..., 4:].square()
+        per_sample = right.flatten(1).mean(1) if normalize else weight * right.flatten(1).sum(1) / pred[0].numel()
+        assert batch["loss"].item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+        assert torch.count_nonzero(grad[..., :4]) == 0
+        assert torch.count_nonzero(grad[..., 4:]) == grad[..., 4:].numel()
+    assert len(grads) == len(probe.batches) == 2
+    if cached:
+        entries = list((tmp_path / "cache" / "latents").rglob("*.safetensors"))
+        assert entries and all("mask" in load_file(e) for e in entries)
+
+
+def test_validation_options_reach_the_evaluation(tmp_path):
+    """validation.path / timesteps / seed / every_n_steps: the UNet sees the held-out images at the fixed
+    timesteps; the logged value is their mean loss, recomputed here with the final weights; training draws the
+    same steps as a run without validation."""
+    from sdtrain.train.batches import encode_pixels
+    from sdtrain.train.conditioning import encode_prompts, unet_added_cond_kwargs
+    from sdtrain.data.buckets import sdxl_time_ids
+    from sdtrain.data.dataset import latent_pixels
+    from sdtrain.train.validation import validation_generator
+
+    held = make_dataset(tmp_path / "held", count=2)
+    options = no_augmentation(3) + ["train.min_timestep=100", "train.max_timestep=300"]
+    plain, _ = probed_run(write_config(tmp_path, "plain"), options)
+    seen = []
+
+    def spy_validation(trainer, probe):
+        original = trainer.validator.evaluate
+
+        def evaluate(t):
+            handle = trainer.base.unet.register_forward_pre_hook(
+                lambda module, args: seen.append(args[1].tolist()))
+            try:
+                return original(t)
+            finally:
+                handle.remove()
+
+        trainer.validator.evaluate = evaluate
+
+    trainer, _ = probed_run(write_config(tmp_path, "validated"),
+                            options + [f"validation.path={held}", "validation.timesteps=2", "validation.seed=11",
+                                       "validation.every_n_steps=2", "validation.batch_size=4"], spy_validation)
+    assert trainer.result.losses == plain.result.losses  # validation touches no training randomness
+    assert [step for step, _ in trainer.result.validation] == [2, 3]
+    assert [sorted(t) for t in seen] == [[150, 150, 250, 250]] * 2  # one batch of 2 images x 2 timesteps
+    base, losses = trainer.base, []
+    with torch.no_grad():
+        for index, record in enumerate(trainer.plan.validation):
+            item = latent_item(record, flip=False)
+            latent = encode_pixels(base.vae, latent_pixels(item)[None])
+            cond = encode_prompts("sdxl", base.tokenizers, base.text_encoders, [record.caption])
+            time_ids = torch.tensor([sdxl_time_ids(item.original_size, item.crop_top_left, item.bucket)],
+                                    dtype=torch.float32)
+            for j, timestep in enumerate((150, 250)):
+                noise = torch.randn(latent.shape[1:], generator=validation_generator(11, index, j))[None]
+                acp = base.noise_scheduler.alphas_cumprod[timestep]
+                noisy = acp.sqrt() * latent + (1 - acp).sqrt() * noise
+                pred = base.unet(noisy, torch.tensor([timestep]), encoder_hidden_states=cond.prompt_embeds,
+                                 added_cond_kwargs=unet_added_cond_kwargs(cond, time_ids)).sample
+                losses.append((pred - noise).double().square().mean().item())
+    assert trainer.result.validation[-1][1] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+
+
+def test_ema_options_reach_the_average_and_the_samples(tmp_path, monkeypatch):
+    """ema.decay / every_n_steps / start_step: the trainer's EMA of the real adapters equals the closed form over
+    the trained weights; ema.use_for_samples: the sampler sees the EMA weights, training continues with its own;
+    the EMA adapter file holds the EMA weights."""
+    import sdtrain.train.sampling as sampling
+
+    trained, sampled = {}, {}
+
+    class Record(TrainerCallback):
+        def on_step_end(self, trainer, step, loss):
+            trained[step] = [p.detach().clone() for p in trainer.trainable_params]
+
+    def fake_sample_images(arch, **kwargs):
+        sampled[kwargs["step"]] = [p.detach().clone() for p in current.trainable_params]
+        return []
+
+    monkeypatch.setattr(sampling, "sample_images", fake_sample_images)
+    overrides = no_augmentation(7) + SGD + ["optimizer.lr=5.0", "ema.enabled=true", "ema.decay=0.2",
+                                            "ema.every_n_steps=2", "ema.start_step=1", "ema.use_for_samples=true",
+                                            "sample.every_n_steps=1", 'sample.prompts=["a square"]']
+    current = Trainer(load_config(write_config(tmp_path, "ema"), overrides), quiet=True, callbacks=[Record()])
+    current.run()
+    updates = [3, 5, 7]  # d = 2/11, then the decay 0.2 (below 3/12)
+    for step in range(1, 8):
+        due = [u for u in updates if u <= step]
+        for i, param in enumerate(sampled[step]):
+            expected = closed_form({s: trained[s][i] for s in due}, due, 0.2) if due else trained[step][i]
+            torch.testing.assert_close(param, expected, rtol=1e-6, atol=1e-7)
+    moved = [i for i, p in enumerate(trained[7]) if not torch.equal(p, trained[6][i])]
+    assert moved and any(not torch.equal(sampled[7][i], trained[7][i]) for i in moved)
+    with current.ema.applied():
+        ema_state = {k: v.clone() for k, v in current.adapters.trainable_state_dict().items()}
+    saved = load_file(str(tmp_path / "ema" / "run-ema.safetensors"))
+    ups = [k for k in ema_state if k.endswith("lora_up.weight")]
+    assert ups and all(torch.equal(saved[k], ema_state[k]) for k in ups)
+
+
+def test_sample_schedule_and_sample_grids_reach_the_tracker(tmp_path, monkeypatch):
+    """sample.at_start / every_n_epochs / every_n_steps decide the sampling steps (0, the epoch ends, every N);
+    each sampling sends one grid of the images to TensorBoard at its step."""
+    import sdtrain.train.sampling as sampling
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps, validation = [], []
+
+    def fake_sample_images(arch, *, out_dir, step, prompts, **kwargs):
+        (steps if out_dir.name == "samples" else validation).append((step, out_dir.name, len(prompts)))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for index, colour in enumerate([(250, 0, 0), (0, 0, 250)]):
+            paths.append(out_dir / f"{step}-{index}.png")
+            Image.new("RGB", (16 + 8 * index, 16), colour).save(paths[-1])
+        return paths
+
+    monkeypatch.setattr(sampling, "sample_images", fake_sample_images)
+    overrides = no_augmentation(8) + ["sample.at_start=true", "sample.every_n_epochs=1", "sample.every_n_steps=3",
+                                      'sample.prompts=["a square"]', "log.tensorboard=true",
+                                      f"validation.path={make_dataset(tmp_path / 'held', count=1)}",
+                                      "validation.every_n_steps=5", "validation.timesteps=1",
+                                      'validation.prompts=["one", "two"]']
+    trainer, _ = probed_run(write_config(tmp_path, "grids"), overrides)
+    assert trainer.plan.steps_per_epoch == 4
+    assert validation == [(5, "validation", 2), (8, "validation", 2)]  # validation.prompts at each validation
+    steps = [step for step, _, count in steps if count == 1]
+    assert steps == [0, 3, 4, 6, 8]
+    events = EventAccumulator(str(tmp_path / "grids" / "logs" / "sdtrain"), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("samples")
+    assert [i.step for i in images] == steps
+    assert [i.step for i in events.Images("validation")] == [5, 8]
+    assert {(i.width, i.height) for i in images} == {(16 + 24, 16)}  # the two images side by side
 
 
 # ---------------------------------------------------------------- text conditioning
@@ -477,8 +658,11 @@ def test_revision_and_variant_reach_the_hub_download(tmp_path, monkeypatch):
 
 # Keys the trainer does not read yet, with the reason; the test fails when one of them starts being read.
 NOT_READ_YET: dict[str, str] = {}  # key -> why no code reads it yet
-# Keys whose value reaches the trainer through the keys the resolver derives from them.
-DERIVED = {"data.caption_extension": ("data.subsets.N.caption_extension", ".cap")}
+# Keys whose value reaches the trainer through the keys the resolver derives from them: (the derived key, a
+# value for the key, what the derived key then holds).
+DERIVED = {"data.caption_extension": ("data.subsets.N.caption_extension", ".cap",
+                                      lambda cfg: cfg.data.subsets[0].caption_extension == ".cap"),
+           "log.tensorboard": ("log.trackers", "false", lambda cfg: cfg.log.trackers == [])}
 
 
 def record_reads(cfg, reads: set[str]) -> None:
@@ -510,7 +694,13 @@ def test_every_config_key_is_read(tmp_path, capsys):
 
     prompts = 'sample.prompts=["a square --w 64 --h 64 --s 1"]'
     config = write_config(tmp_path, "keys")
+    masks = write_half_masks(tmp_path / "masks", ["img0"])
     overrides = no_augmentation(2) + [
+        f"data.subsets.0.mask_path={masks}", "train.normalize_masked_loss=false",
+        "validation.fraction=0.25", "validation.seed=5", "validation.every_n_steps=1", "validation.timesteps=1",
+        "validation.batch_size=2", "ema.enabled=true", "ema.decay=0.9", "ema.every_n_steps=1", "ema.start_step=0",
+        "ema.use_for_samples=true", "sample.at_start=true", "sample.every_n_epochs=1",
+        'validation.prompts=["a square --w 64 --h 64 --s 1"]',
         "data.cache_text_encoder_outputs=true", "sample.every_n_steps=1", prompts, "save.every_n_steps=1",
         "save.every_n_epochs=1", "save.keep_last=1", "save.state_every_n_steps=1", "log.tensorboard=true",
         'save.targets=["comfyui"]', "model.max_token_length=150", "data.subsets.0.caption_prefix=sks,",
@@ -529,7 +719,7 @@ def test_every_config_key_is_read(tmp_path, capsys):
     unread = keys - reads - set(DERIVED)
     assert unread == set(NOT_READ_YET), f"keys no code reads: {sorted(unread - set(NOT_READ_YET))}; " \
                                         f"read now, drop from NOT_READ_YET: {sorted(set(NOT_READ_YET) - unread)}"
-    for source, (target, value) in DERIVED.items():
+    assert cfg.log.trackers == ["tensorboard"]  # from log.tensorboard = true
+    for source, (target, value, carried) in DERIVED.items():
         assert target in reads
-        changed = load_config(config, overrides + [f"{source}={value}"])
-        assert changed.data.subsets[0].caption_extension == value  # the resolver carries it into the target
+        assert carried(load_config(config, overrides + [f"{source}={value}"]))  # the resolver carries it over
