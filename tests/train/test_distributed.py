@@ -35,8 +35,12 @@ def test_two_processes_match_one_process_with_double_batch_and_resume(tmp_path):
     # 8-bit optimizers normalise near-zero gradient entries and turn last-bit differences into visible ones)
     # no weight decay: DDP hands zero gradients (not none) to the adapters of CLIP-L's last layer, which SDXL's
     # conditioning never reads, and weight decay would then shrink them in the 2-process run only
+    # adapter dropout and a [[network.blocks]] entry: masks are drawn per global batch and sample slot, so the
+    # processes draw what the single process draws; module dropout leaves adapters without gradients
     options = ["optimizer.type=SGD", "optimizer.lr=2.0", "optimizer.weight_decay=0", "network.train_text_encoder=true",
-               "train.gradient_accumulation_steps=2"]
+               "train.gradient_accumulation_steps=2", "network.dropout=0.2", "network.rank_dropout=0.3",
+               "network.module_dropout=0.2", "network.blocks.0.pattern=lora_te2_*", "network.blocks.0.rank=2",
+               "network.blocks.0.lr=1.0"]
     sets = [x for item in options for x in ("--set", item)]
     config = write_config(tmp_path, "ddp", count=4, steps=steps)
     done = torchrun(config, "--set", "train.batch_size=1", *sets)
