@@ -60,7 +60,8 @@ def parse_args(argv=None):
                         "in sdtrain's config)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--optimizer", default="AdamW", help="an optimizer.type of sdtrain (AdamW, AdamW8bit, ...)")
-    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of every variant each)")
+    p.add_argument("--steps", type=int, nargs="+", default=[5],
+                   help="timed rounds (one step of every variant each); one value, or one per --resolution")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--memory-steps", type=int, default=1, help="CPU: untimed steps per variant with RSS sampling")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -72,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the raw step times and memory to this file")
     args = p.parse_args(argv)
+    if len(args.steps) not in (1, len(args.resolution)):
+        p.error("--steps takes one value or one per --resolution")
+    args.steps = dict(zip(args.resolution, args.steps * len(args.resolution) if len(args.steps) == 1 else args.steps))
     if args.dtype is None:
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
     if args.device == "cuda":
@@ -286,7 +290,7 @@ def timed(fn, args) -> tuple[float, tuple[int, int] | None]:
 
 def run_resolution(family, unet, encoders, tokenizers, variants, resolution, args):
     step = Step(family, unet, encoders, tokenizers, resolution, args)
-    rounds = args.warmup + args.steps
+    rounds = args.warmup + args.steps[resolution]
     batches = make_batches(family, resolution, args, rounds + args.memory_steps)
     for v in variants:
         v.times, v.memory, v.optimizer_times = [], [], []
@@ -370,7 +374,7 @@ def main(argv=None) -> int:
     print(f"{args.arch} (random weights), batch {args.batch}, rank {args.rank}, preset {args.preset}, text encoders "
           f"{args.text_encoder}, {args.optimizer}, {args.dtype}, gradient checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'}; {device}; torch {torch.__version__}; adapted layers "
-          f"{counts}; median of {args.steps} interleaved rounds after {args.warmup} warm-up; "
+          f"{counts}; median of {args.steps} (per resolution) interleaved rounds after {args.warmup} warm-up; "
           f"run took {wall:.0f} s wall, {cpu:.0f} s CPU")
     for resolution, result in results.items():
         print(f"\n{resolution} px\n")
