@@ -45,5 +45,6 @@ def describe_blocks(plan, spec, group_lrs: dict[str, float]) -> list[str]:
             lr = f"lr {block.lr:g}" + (" (frozen)" if block.lr == 0 else "")
         else:
             lr = "lr " + "/".join(f"{group_lrs[c]:g}" for c in counts) if counts else "lr -"
-        lines.append(f'  {index}: "{block.pattern}" -> {where}: {shown}, {lr}')
+        example = f" (e.g. {mine[0].kohya_name})" if mine else ""
+        lines.append(f'  {index}: "{block.pattern}" -> {where}: {shown}, {lr}{example}')
     return lines
