@@ -36,6 +36,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from sdtrain.adapters.dora import NORM_EPS
+
 __all__ = ["DropoutStream", "LayerDropout", "attach_dropout"]
 
 _MODULE, _RANK, _ELEMENT = 1, 2, 3  # the kinds of draw, part of each seed
@@ -135,10 +137,8 @@ class LayerDropout:
                     (1, r) + (1,) * (module.lora_up.weight.dim() - 2))
                 rank_mask = keep
             else:  # one mask per sample (kohya)
-                rank_mask = self._per_sample(n, r, _RANK) if batched else self._uniform(r, _RANK, self.stream.slot_offset)
-                rank_mask = (rank_mask > self.p_rank).to(torch.float32)
-                if not batched:
-                    rank_mask = rank_mask.view(r)
+                draws = self._per_sample(n, r, _RANK) if batched else self._uniform(r, _RANK, self.stream.slot_offset)
+                rank_mask = (draws > self.p_rank).to(torch.float32)
             rank_mask = rank_view(rank_mask.to(device=x.device, dtype=dtype))
 
         def low_rank(inp):
@@ -157,26 +157,16 @@ class LayerDropout:
             return layer(x, w, bias) + s * low_rank(x)
         if up is None:
             c = module.channel_scale()
-        else:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                norm_sq = module.norm_squared(up=up, scale=s)
-            inverse = (norm_sq + _norm_eps()).rsqrt()
+        else:  # the norm of the dropped weight (autocast is off here)
+            inverse = (module.norm_squared(up=up, scale=s) + NORM_EPS).rsqrt()
             c = module.magnitude * (inverse.detach() if module.detach_norm else inverse)
-        channel = -1 if conv is None else 1
-        shape = [1] * x.dim()
+        shape = [1] * x.dim()  # c over the channel dimension of the activations
+        shape[-1 if conv is None else 1] = -1
         if module.axis == "output":
-            shape[channel] = -1
             y = (layer(x, w) + s * low_rank(x)) * c.view(shape)
-            return (y if bias is None else y + (bias if conv is None else bias.view(shape))).to(dtype)
-        shape[channel] = -1
+            return (y if bias is None else y + bias.view(shape)).to(dtype)
         xc = (x * c.view(shape)).to(dtype)
         return layer(xc, w, bias) + s * low_rank(xc)
-
-
-def _norm_eps() -> float:
-    from sdtrain.adapters.dora import NORM_EPS
-
-    return NORM_EPS
 
 
 def attach_dropout(adapters, dropout: float, rank_dropout: float, module_dropout: float, seed: int):
