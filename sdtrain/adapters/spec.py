@@ -63,10 +63,6 @@ class NetworkSpec:
         """From the resolved `config.network` section (any object with these attribute names)."""
         return cls(**{f.name: getattr(network, f.name) for f in fields(cls) if hasattr(network, f.name)})
 
-    @property
-    def has_dropout(self) -> bool:
-        return bool(self.dropout or self.rank_dropout or self.module_dropout)
-
     def block_for(self, name: str | None) -> tuple[int, BlockSpec] | None:
         """(index, entry) of the first `blocks` entry whose pattern matches the kohya name, or None."""
         if name is None:
@@ -90,8 +86,3 @@ class NetworkSpec:
             if block.alpha is not None:
                 alpha = float(block.alpha)
         return rank, float(alpha)
-
-    def lr_for(self, name: str) -> float | None:
-        """The learning rate a `blocks` entry gives this layer, or None (its group's rate)."""
-        found = self.block_for(name)
-        return None if found is None else found[1].lr
