@@ -33,7 +33,9 @@ data.subsets.N.tag_separator data.subsets.N.caption_dropout data.subsets.N.tag_d
 data.subsets.N.random_crop data.subsets.N.class_caption data.subsets.N.caption_prefix data.subsets.N.caption_suffix
 data.subsets.N.wildcards data.subsets.N.mask_path data.subsets.N.alpha_mask
 network.type network.rank network.alpha network.decompose_axis network.detach_norm network.preset network.include
-network.exclude network.conv_rank network.conv_alpha network.train_unet network.train_text_encoder
+network.exclude network.conv_rank network.conv_alpha network.train_unet network.train_text_encoder network.dropout
+network.rank_dropout network.module_dropout network.blocks network.blocks.N.pattern network.blocks.N.rank
+network.blocks.N.alpha network.blocks.N.lr
 optimizer.type optimizer.lr optimizer.unet_lr optimizer.text_encoder_lr optimizer.text_encoder_2_lr
 optimizer.weight_decay optimizer.betas optimizer.eps optimizer.args
 scheduler.type scheduler.warmup_steps scheduler.num_cycles scheduler.power
@@ -449,3 +451,27 @@ def test_parse_prompt_line_errors(line, fragment):
     with pytest.raises(ValueError) as info:
         parse_prompt_line(line)
     assert fragment in str(info.value)
+
+
+def test_adapter_dropout_and_blocks_are_validated(project):
+    cfg = load_config(project(MINIMAL + """
+[network]
+rank = 4
+rank_dropout = 0.25
+[[network.blocks]]
+pattern = "lora_unet_up_blocks_*"
+rank = 8
+lr = 0
+"""))
+    assert cfg.network.rank_dropout == 0.25
+    assert (cfg.network.blocks[0].pattern, cfg.network.blocks[0].rank, cfg.network.blocks[0].lr) == \
+        ("lora_unet_up_blocks_*", 8, 0.0)
+    assert "network.dropout" in load_error(project(MINIMAL + "[network]\ndropout = 1.0\n"))
+    assert "network.rank_dropout" in load_error(project(MINIMAL + "[network]\nrank_dropout = 1.0\n"))
+    assert "network.module_dropout" in load_error(project(MINIMAL + "[network]\nmodule_dropout = 1.5\n"))
+    assert "network.blocks.0" in load_error(project(MINIMAL + '[[network.blocks]]\npattern = "lora_unet_*"\n'))
+    assert "network.blocks.0.pattern" in load_error(project(MINIMAL + '[[network.blocks]]\npattern = "re:(("\nlr = 1e-4\n'))
+    assert "network.blocks.0.pattern" in load_error(project(MINIMAL + '[[network.blocks]]\nrank = 4\n'))
+    assert "network.blocks.0.lr" in load_error(project(MINIMAL + '[[network.blocks]]\npattern = "x"\nlr = -1\n'))
+    overridden = load_config(project(), ["network.blocks.0.pattern=lora_unet_mid_block_*", "network.blocks.0.lr=0"])
+    assert overridden.network.blocks[0].pattern == "lora_unet_mid_block_*"

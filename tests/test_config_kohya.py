@@ -125,6 +125,24 @@ def test_bad_kohya_values_name_the_option(config):
         load_config(config(base=BASE + "[network]\nnetwork_dim = 4\n"))
 
 
+def test_kohya_network_dropout_and_network_args(config):
+    notes = []
+    cfg = load_config(config('network_dropout = 0.1\nnetwork_args = ["rank_dropout=0.25", "module_dropout=0.05", '
+                             '"conv_dim=2"]\n'), notes=notes)
+    network = cfg.network
+    assert (network.dropout, network.rank_dropout, network.module_dropout, network.conv_rank) == (0.1, 0.25, 0.05, 2)
+    assert any(n.endswith("kohya network_args rank_dropout read as network.rank_dropout = 0.25") for n in notes)
+    assert load_config(config(), ["network_dropout=0.2"]).network.dropout == 0.2
+    with pytest.raises(ConfigError, match=r"network_args entry down_lr_weight .* \[\[network.blocks\]\]"):
+        load_config(config('network_args = ["down_lr_weight=1,0.5,0.5"]\n'))
+    with pytest.raises(ConfigError, match=r"network_args entry dora_wd"):
+        load_config(config('network_args = ["dora_wd=True"]\n'))
+    with pytest.raises(ConfigError, match=r"out of range"):
+        load_config(config('network_args = ["module_dropout=2"]\n'))
+    with pytest.raises(ConfigError, match=r"sets both network_args rank_dropout"):
+        load_config(config('network_args = ["rank_dropout=0.1"]\n', base=BASE + "[network]\nrank_dropout = 0.2\n"))
+
+
 # ---------------------------------------------------------------- dataset configs
 
 def write_dataset(tmp_path, text: str, name: str = "dataset.toml"):

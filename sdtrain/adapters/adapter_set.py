@@ -58,19 +58,35 @@ class AdapterSet:
     def parameters(self, group: str | None = None) -> list[nn.Parameter]:
         return [p for _, p in self.named_parameters(group)]
 
-    def param_groups(self, lrs: dict[str, float]) -> list[dict]:
-        """Optimizer parameter groups, one per adapted group ("unet", "te1", "te2").
+    def param_groups(self, lrs: dict[str, float], module_lrs: dict[str, tuple[str, float]] | None = None) -> list[dict]:
+        """Optimizer parameter groups, one per adapted group ("unet", "te1", "te2"), in model order.
 
         `lrs` maps a group to its learning rate; "text_encoder" stands for te1 and te2 and "default"
-        for any group not named.
+        for any group not named. `module_lrs` maps kohya names to (label, learning rate): those modules go
+        to a group of their own per label and component, named "<component>:<label>" (e.g.
+        "unet:blocks.0"), after their component's group. Groups without parameters are left out.
         """
+        module_lrs = module_lrs or {}
         result = []
         for group in dict.fromkeys(self.groups.values()):
             keys = [group, "text_encoder", "default"] if group.startswith("te") else [group, "default"]
             lr = next((lrs[k] for k in keys if k in lrs), None)
             if lr is None:
                 raise ValueError(f"no learning rate for adapter group {group!r} in {sorted(lrs)}")
-            result.append({"params": self.parameters(group), "lr": lr, "name": group})
+            names = [n for n, g in self.groups.items() if g == group]
+            own: dict[str, tuple[float, list]] = {}
+            default = []
+            for name in names:
+                params = [p for _, p in _trainable(self.modules[name])]
+                if name in module_lrs:
+                    label, block_lr = module_lrs[name]
+                    own.setdefault(label, (block_lr, []))[1].extend(params)
+                else:
+                    default.extend(params)
+            if default:
+                result.append({"params": default, "lr": lr, "name": group})
+            result.extend({"params": params, "lr": block_lr, "name": f"{group}:{label}"}
+                          for label, (block_lr, params) in own.items())
         return result
 
     # ------------------------------------------------------------ strength and merging

@@ -296,11 +296,13 @@ class DoRAModule(nn.Module):
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self._norm_key = self._weight_key(weight)
         self._inverse_norm_cache = None  # (what 1/‖V‖ was computed from, 1/‖V‖)
+        self.dropout = None  # a LayerDropout while training with adapter dropout (sdtrain.adapters.regularize)
 
     def __setstate__(self, state):
         """Unpickled and deep-copied modules start without a cached 1/‖V‖ (its key names the original's tensors)."""
         super().__setstate__(state)
         self._inverse_norm_cache = None
+        self.__dict__.setdefault("dropout", None)
 
     # -- subclass hooks
     def _make_lora(self, rank: int) -> tuple[nn.Module, nn.Module]:
@@ -415,17 +417,18 @@ class DoRAModule(nn.Module):
         self._norm_key = None
         self._inverse_norm_cache = None
 
-    def norm_squared(self) -> torch.Tensor:
+    def norm_squared(self, up: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
         """‖V‖² per channel on the axis via the low-rank identity (fp32, ≥ 0, differentiable in A and B).
 
         One r-column product with W0 (out·in·kh·kw·r multiply-adds) and rank-sized products; the dense V is
-        never formed. Call with autocast off.
+        never formed. Call with autocast off. `up` and `scale` replace B and s (V = W0 + scale·up·A; rank
+        dropout passes B with dropped columns, see sdtrain.adapters.regularize).
         """
         w0 = self.original_weight().detach()
-        shape, s = w0.shape, self.scale
+        shape, s = w0.shape, self.scale if scale is None else scale
         w0 = w0.reshape(shape[0], -1).to(torch.float32)
         a = self.lora_down.weight.to(torch.float32).reshape(self.rank, -1)
-        b = self.lora_up.weight.to(torch.float32).reshape(shape[0], self.rank)
+        b = (self.lora_up.weight if up is None else up).to(torch.float32).reshape(shape[0], self.rank)
         if self.axis == "output":  # t = 2s·W0·Aᵀ + s²·B·(A·Aᵀ), [out, r]; rowdot(t, B)
             low = (torch.addmm(w0 @ a.t(), b, a @ a.t(), beta=2 * s, alpha=s * s) * b).sum(1)
         else:  # t = 2s·Bᵀ·W0 + s²·(Bᵀ·B)·A, [r, K]; coldot(t, A), summed over each input channel's kh·kw
@@ -470,6 +473,8 @@ class DoRAModule(nn.Module):
         k = self.multiplier
         if self.merged or k == 0.0:
             return self.base(x)
+        if self.dropout is not None and k == 1.0 and self.training and self.dropout.armed:
+            return self.dropout.forward(self, x)
         device_type = x.device.type
         dtype = x.dtype
         if torch.is_autocast_enabled(device_type) and x.is_floating_point():

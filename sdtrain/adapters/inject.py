@@ -178,6 +178,12 @@ def plan_injection(unet, text_encoders, arch: str, spec: NetworkSpec) -> Injecti
             warnings.append(_unmatched_warning("network.exclude", text, example))
         excluded |= hits
     selected = [c for c in selected if c.kohya_name not in excluded]
+    for index, block in enumerate(spec.blocks):
+        if not any(spec.block_for(c.kohya_name) == (index, block) for c in selected):
+            matched = any(block.matches(c.kohya_name) for c in selected)
+            warnings.append(f'network.blocks.{index}.pattern "{block.pattern}" '
+                            + ("only matches layers an earlier entry already set (the first match wins)" if matched
+                               else f'matches no adapted layer; names look like "{example}"'))
 
     if not selected:
         raise ConfigError(
@@ -196,7 +202,7 @@ def plan_injection(unet, text_encoders, arch: str, spec: NetworkSpec) -> Injecti
 
 def adapter_param_count(entry: PlannedAdapter, spec: NetworkSpec) -> int:
     """Trainable parameters of one adapter: down (rank x fan-in), up (out x rank) and the DoRA magnitude."""
-    rank, _ = spec.rank_alpha(entry.kind)
+    rank, _ = spec.rank_alpha(entry.kind, entry.kohya_name)
     out_features, fan_in = entry.weight_shape[0], 1
     for size in entry.weight_shape[1:]:
         fan_in *= size
@@ -226,7 +232,7 @@ def plan_report(plan: Sequence[PlannedAdapter], spec: NetworkSpec) -> str:
 def _wrap(layer: nn.Module, entry: PlannedAdapter, spec: NetworkSpec) -> nn.Module:
     from sdtrain.adapters.dora import DoRAConv2d, DoRALinear
 
-    rank, alpha = spec.rank_alpha(entry.kind)
+    rank, alpha = spec.rank_alpha(entry.kind, entry.kohya_name)
     wrapper = DoRALinear if entry.kind == "linear" else DoRAConv2d
     return wrapper(layer, rank, alpha, decompose=spec.type == "dora", axis=spec.decompose_axis,
                    detach_norm=spec.detach_norm)

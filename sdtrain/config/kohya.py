@@ -13,7 +13,8 @@ leaves out take CONFIG's values (so sdtrain's defaults, not kohya's: captions `.
 `image_dir` paths are read from the dataset file's folder. A kohya key sdtrain has no equivalent of is accepted
 only at kohya's default value (a note says it was ignored); any other value is an error naming the key.
 
-Kohya facts from kohya-ss/sd-scripts `library/config_util.py` and `train_util.py` (commit 0253472).
+Kohya facts from kohya-ss/sd-scripts `library/config_util.py` and `train_util.py` (commit 0253472); the
+network options (`network_dropout`, `network_args`) from `networks/lora.py` (commit 48d368f).
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ OPTIONS: dict[str, KohyaOption] = {
     "clip_skip": KohyaOption("model.clip_skip"),
     "network_dim": KohyaOption("network.rank"),
     "network_alpha": KohyaOption("network.alpha"),
+    "network_dropout": KohyaOption("network.dropout"),
     "conv_dim": KohyaOption("network.conv_rank"),
     "conv_alpha": KohyaOption("network.conv_alpha"),
     "learning_rate": KohyaOption("optimizer.lr"),
@@ -182,8 +184,19 @@ OPTIONS: dict[str, KohyaOption] = {
     "enable_wildcard": KohyaOption(SUBSETS + "wildcards"),
 }
 
+# `network_args = ["rank_dropout=0.1", ...]` entries read as sdtrain keys (networks/lora.py create_network).
+NETWORK_ARGS: dict[str, str] = {
+    "rank_dropout": "network.rank_dropout",
+    "module_dropout": "network.module_dropout",
+    "conv_dim": "network.conv_rank",
+    "conv_alpha": "network.conv_alpha",
+}
+_BLOCK_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+               "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
+
 # kohya names with no one-to-one key, for "did you mean" only.
-SUGGESTIONS = {name: option.shown_key for name, option in OPTIONS.items()} | {
+SUGGESTIONS = {name: option.shown_key for name, option in OPTIONS.items()} | NETWORK_ARGS | {
+    name: "network.blocks" for name in _BLOCK_ARGS} | {
     "network_module": "network.type",
     "enable_bucket": "data.min_bucket_side",
     "image_dir": "data.subsets.N.path",
@@ -229,6 +242,8 @@ def take_options(data: dict, source: str, notes: list[str], origins: dict[str, s
     `apply_subset_defaults` once the subsets are known. Setting both a kohya name and its sdtrain key fails.
     """
     subset_defaults: dict[str, tuple] = {}
+    if "network_args" in data:
+        _take_network_args(data, data.pop("network_args"), source, notes, origins)
     for name in [n for n in data if n in OPTIONS]:
         raw = data.pop(name)
         option, value = read_option(name, raw)
@@ -245,6 +260,28 @@ def take_options(data: dict, source: str, notes: list[str], origins: dict[str, s
         table[key] = value
         origins[option.key] = where
     return subset_defaults
+
+
+def _take_network_args(data: dict, raw, source: str, notes: list[str], origins: dict[str, str]) -> None:
+    """kohya's `network_args` list: the entries with an sdtrain key go there; any other is an error."""
+    args = _optimizer_args(raw)
+    if not isinstance(args, dict):
+        raise ConfigError(f'{source}: kohya network_args must be a list of "key=value" strings, got {_show(raw)}')
+    for name, value in args.items():
+        key = NETWORK_ARGS.get(name)
+        if key is None:
+            hint = ("write per-block ranks and learning rates as [[network.blocks]] tables (pattern, rank, alpha, "
+                    "lr)" if name in _BLOCK_ARGS else "remove it")
+            raise ConfigError(f"{source}: kohya network_args entry {name} = {_show(value)} has no sdtrain "
+                              f"equivalent; {hint}")
+        table = _section(data, "network", source)
+        field_name = key.split(".")[1]
+        if field_name in table:
+            raise ConfigError(f"{source} sets both network_args {name} (kohya's name for {key}) and {key}; "
+                              "keep one of them")
+        table[field_name] = value
+        origins[key] = f"{source} (kohya network_args {name})"
+        notes.append(f"{source}: kohya network_args {name} read as {key} = {_show(value)}")
 
 
 def apply_subset_defaults(data: dict, defaults: dict[str, tuple], origins: dict[str, str]) -> None:

@@ -138,6 +138,19 @@ class Resolver:
             n.conv_rank = n.rank
         if n.conv_alpha is None:
             n.conv_alpha = n.conv_rank * n.alpha / n.rank
+        for key in ("dropout", "rank_dropout"):
+            if getattr(n, key) >= 1:
+                self.fail(f"network.{key}", f"{getattr(n, key)} drops everything (the rest is scaled by 1/(1-p)); "
+                                            "use a value below 1, e.g. 0.1")
+        for i, block in enumerate(n.blocks):
+            if block.pattern.startswith("re:"):
+                try:
+                    re.compile(block.pattern[3:])
+                except re.error as err:
+                    self.fail(f"network.blocks.{i}.pattern", f'"{block.pattern}" is not a valid regular expression '
+                                                            f'({err}); fix it or write a glob such as "lora_unet_up_blocks_0_*"')
+            if block.rank is None and block.alpha is None and block.lr is None:
+                self.fail(f"network.blocks.{i}", "sets none of rank, alpha, lr; add one or remove the entry")
         if not (n.train_unet or n.train_text_encoder):
             self.fail("network.train_unet", "nothing to train: network.train_unet and network.train_text_encoder "
                                             "are both false; set one of them to true")

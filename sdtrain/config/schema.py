@@ -81,6 +81,22 @@ class ModelConfig:
 
 
 @dataclass
+class BlockConfig:
+    pattern: str = setting(None, Str(nonempty=True),
+                           "Layers of this entry: a glob or re: pattern over kohya module names, e.g. "
+                           "\"lora_unet_output_blocks_*\" (SDXL) or \"lora_unet_up_blocks_*\" (SD1.5); the first "
+                           "entry that matches a layer sets its values.",
+                           required=True, example='pattern = "lora_unet_output_blocks_*"')
+    rank: int | None = setting(None, Int(min=1, max=MAX_RANK), "Rank of these layers (kohya block_dims).",
+                               default_doc="network.rank (network.conv_rank for convolutions)")
+    alpha: float | None = setting(None, Float(min=0, min_open=True), "Alpha of these layers (kohya block_alphas).",
+                                  default_doc="the layer's alpha / rank times this entry's rank (same scale)")
+    lr: float | None = setting(None, Float(min=0), "Learning rate of these layers (0 = frozen at their initial "
+                               "weights; kohya down_lr_weight / mid_lr_weight / up_lr_weight times the lr).",
+                               default_doc="optimizer.unet_lr / text_encoder_lr of their model")
+
+
+@dataclass
 class NetworkConfig:
     type: str = setting("dora", Choice(TYPES), "Adapter type: DoRA (weight-decomposed) or plain LoRA.")
     rank: int = setting(16, Int(min=1, max=MAX_RANK), "Adapter rank (kohya network_dim); 16-32 is typical for SDXL characters.")
@@ -98,6 +114,17 @@ class NetworkConfig:
                                        default_doc="conv_rank * alpha / rank")
     train_unet: bool = setting(True, Bool(), "Train adapters on the UNet.")
     train_text_encoder: bool = setting(False, Bool(), "Also train adapters on the text encoder(s).")
+    dropout: float = setting(0.0, Float(min=0, max=1), "Network dropout (kohya network_dropout): probability of "
+                             "zeroing each element of the down projection's output in training, the rest scaled "
+                             "by 1/(1-p); 0.1 is common. Must be below 1.")
+    rank_dropout: float = setting(0.0, Float(min=0, max=1), "Rank dropout (kohya network_args rank_dropout): "
+                                  "probability of dropping each rank in training (per sample for LoRA, per step and "
+                                  "layer for DoRA, before the norm), the update scaled by 1/(1-p). Must be below 1.")
+    module_dropout: float = setting(0.0, Float(min=0, max=1), "Module dropout (kohya network_args module_dropout): "
+                                    "probability that a layer's adapter is skipped for a training step.")
+    blocks: list[BlockConfig] = setting(list, SectionList(BlockConfig), "Per-block rank / alpha / learning rate: "
+                                        "[[network.blocks]] tables with a kohya-name pattern (kohya block_dims, "
+                                        "down_lr_weight ...); the dry run lists what each entry matched.")
 
 
 @dataclass

@@ -8,6 +8,10 @@ Every value is a string (safetensors metadata is `dict[str, str]`). What the UIs
   (`export/targets.py`); files without them hold the magnitude itself.
 - `ss_network_alpha` records the training alpha. The file's per-module `alpha` tensors equal the rank
   and the training alpha/rank is folded into `lora_up` (exact in A1111 1.9 and 1.10 alike).
+- `ss_network_dim` / `ss_network_alpha` are network.rank / network.alpha; layers that `[[network.blocks]]` gave
+  another rank or alpha are listed (pattern, rank, alpha) under "blocks" in `ss_network_args`, and every
+  module's rank is its tensors' shape (the UIs read rank and alpha per module). Adapter dropout is recorded as
+  kohya does: `ss_network_dropout`, and `rank_dropout` / `module_dropout` in `ss_network_args`.
 - `sdtrain_config` is the resolved training config as JSON. Adapters get shared, so its path keys and
   `ss_sd_model_name` hold no absolute local path (`shareable_path`): a path inside the config's folder is written
   relative to it when the folder is given (`config_dir`), any other local path as its final name only (kohya
@@ -141,7 +145,22 @@ def network_args(spec) -> dict[str, str]:
     preset = _spec_get(spec, "preset")
     if preset:
         args["preset"] = str(preset)
+    for key in ("rank_dropout", "module_dropout"):  # kohya's network_args names
+        if _spec_get(spec, key):
+            args[key] = _number(_spec_get(spec, key))
+    blocks = [_block_entry(block) for block in _spec_get(spec, "blocks") or []]
+    blocks = [block for block in blocks if len(block) > 1]
+    if blocks:  # layers with their own rank / alpha (each module's rank is also in its tensors' shapes)
+        args["blocks"] = json.dumps(blocks)
     return args
+
+
+def _block_entry(block) -> dict:
+    entry = {"pattern": _spec_get(block, "pattern")}
+    for key in ("rank", "alpha"):
+        if _spec_get(block, key) is not None:
+            entry[key] = _spec_get(block, key)
+    return entry
 
 
 def _number(value) -> str:
@@ -208,8 +227,10 @@ def build_metadata(
         "ss_tag_frequency": json.dumps(tag_frequency or {}),
         FOLDING_KEY: "True",
     }
-    if rank is not None:
+    if rank is not None:  # network.rank; layers set by network.blocks are listed in ss_network_args "blocks"
         meta["ss_network_dim"] = str(int(rank))
+    if _spec_get(spec, "dropout"):
+        meta["ss_network_dropout"] = _number(_spec_get(spec, "dropout"))
     if alpha is not None:
         meta["ss_network_alpha"] = _number(alpha)
     pair = _resolution_pair(resolution)

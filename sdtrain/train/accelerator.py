@@ -33,8 +33,9 @@ def make_accelerator(cfg):
         precision = "no"
     project = ProjectConfiguration(project_dir=str(cfg.train.output_dir), logging_dir=str(cfg.log.log_dir))
     # SDXL conditions on the text encoders' penultimate layers: adapters in CLIP-L's last layer get no gradient,
-    # which DDP only accepts when it looks for unused parameters.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.network.train_text_encoder)
+    # which DDP only accepts when it looks for unused parameters; so do adapters that module dropout skipped.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.network.train_text_encoder
+                                        or cfg.network.module_dropout > 0)
     try:
         accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu,
                                   gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,

@@ -130,6 +130,7 @@ class Trainer:
         self.weight_dtype = self._place_base()
         self.adapters = self._setup_adapters()
         self.spec = self.adapters.spec
+        self.dropout = self._setup_dropout()
         self.train_te = self.spec.train_text_encoder and any(g != "unet" for g in self.adapters.groups.values())
         self.text_encoders = list(self.base.text_encoders)
         self._setup_training_modes()
@@ -259,6 +260,14 @@ class Trainer:
                 self.say(f"warning: {warning}")
         return adapters
 
+    def _setup_dropout(self):
+        """Network / rank / module dropout on every adapted layer, seeded from train.seed (None when all are 0:
+        the layers then run their fused paths unchanged). Armed only around a micro-batch's forward and backward."""
+        from sdtrain.adapters.regularize import attach_dropout
+
+        n = self.cfg.network
+        return attach_dropout(self.adapters, n.dropout, n.rank_dropout, n.module_dropout, self.cfg.train.seed)
+
     def _adapters_from_file(self, spec):
         from sdtrain.export.adapter_file import adapters_from_file, load_adapter
 
@@ -353,8 +362,11 @@ class Trainer:
 
         opt = self.cfg.optimizer
         # per-group rates; the config resolver already filled unset ones from optimizer.lr
+        from sdtrain.train.blocks import block_learning_rates
+
         groups = self.adapters.param_groups({"unet": opt.unet_lr, "te1": opt.text_encoder_lr,
-                                             "te2": opt.text_encoder_2_lr})
+                                             "te2": opt.text_encoder_2_lr},
+                                            block_learning_rates(self.cfg.network, self.adapters.modules))
         self.trainable_params = [param for group in groups for param in group["params"]]  # clipped every step
         return build_optimizer(groups, opt.type, opt.lr, opt.weight_decay, opt.betas, opt.eps, opt.args)
 
@@ -508,8 +520,10 @@ class Trainer:
             with accelerator.accumulate(*self.models):
                 if accelerator.sync_gradients != (a == plan.accumulation - 1):
                     raise RuntimeError(f"accelerate's accumulation is out of step with the plan at step {step + 1}")
-                loss = self.micro_batch_loss(batch)
-                accelerator.backward(loss)  # divided by the accumulation count
+                with self.dropout_armed(batch.global_index, batch.slot_offset):
+                    loss = self.micro_batch_loss(batch)
+                    if loss.requires_grad or not self.cfg.network.module_dropout:  # module dropout can skip all
+                        accelerator.backward(loss)  # divided by the accumulation count
                 if accelerator.sync_gradients and self.cfg.train.max_grad_norm > 0:
                     self.last_grad_norm = accelerator.clip_grad_norm_(self.trainable_params,
                                                                       self.cfg.train.max_grad_norm)
@@ -519,6 +533,12 @@ class Trainer:
             total = loss if total is None else total + loss
         self.lr_scheduler.step()
         return total / plan.accumulation
+
+    def dropout_armed(self, global_batch: int, slot_offset: int):
+        """Adapter dropout for one micro-batch (forward and the backward that may recompute it), if configured."""
+        import contextlib
+
+        return contextlib.nullcontext() if self.dropout is None else self.dropout.batch(global_batch, slot_offset)
 
     def check_diverged(self) -> None:
         """Raise `TrainingDiverged` when training has diverged: the loss of a step since the previous check, or an

@@ -135,6 +135,7 @@ class TrainingPlan:
     seed: int = 0
     network_report: str | None = None
     trainable_params: int | None = None
+    block_lines: list[str] = field(default_factory=list)  # what each [[network.blocks]] entry matched
     warnings: list[str] = field(default_factory=list)
     validation: list = field(default_factory=list)  # held-out ImageRecords (sdtrain.train.validation)
 
@@ -189,6 +190,11 @@ def make_plan(cfg, processes: int = 1, with_network: bool = True) -> TrainingPla
         plan.network_report = plan_report(injection, spec)
         plan.trainable_params = count_trainable_params(injection, spec)
         plan.warnings.extend(injection.warnings)
+        from sdtrain.train.blocks import describe_blocks
+
+        opt = cfg.optimizer
+        plan.block_lines = describe_blocks(injection, spec, {"unet": opt.unet_lr, "te1": opt.text_encoder_lr,
+                                                             "te2": opt.text_encoder_2_lr})
         if source == "reference":
             plan.warnings.append(f"adapted modules counted on the released {arch} architecture (no local config "
                                  f"for {cfg.model.path}); set model.config_dir to a local diffusers folder if the "
@@ -223,8 +229,13 @@ def describe_plan(plan: TrainingPlan, cfg) -> str:
                                          if cfg.log.trackers else ""))
     lines.append(f"network: {cfg.network.type} rank {cfg.network.rank} alpha {cfg.network.alpha:g}, "
                  f"preset {cfg.network.preset}, axis {cfg.network.decompose_axis}")
+    n = cfg.network
+    if n.dropout or n.rank_dropout or n.module_dropout:
+        lines.append(f"adapter dropout (training steps only): network {n.dropout:g}, rank {n.rank_dropout:g}, "
+                     f"module {n.module_dropout:g}")
     if plan.network_report:
         lines.append(plan.network_report)
+    lines.extend(plan.block_lines)
     lines.append(f"loading: {cfg.data.num_workers} data loader worker process(es); UNet "
                  + ("under torch.compile (the first steps compile it)" if cfg.train.compile else "eager"))
     from sdtrain.train.space import output_size

@@ -289,7 +289,7 @@ def check_resumable(info: dict, cfg, plan) -> list[str]:
         old, new = saved.get(key), now.get(key)
         if old == new:
             continue
-        if key in INCOMPATIBLE_KEYS:
+        if key in INCOMPATIBLE_KEYS or key.startswith("network.blocks."):  # blocks: ranks and parameter groups
             problems.append(f"{key} was {old!r}, now {new!r}")
         elif key == "model.path":
             notes.append(f"model.path changed from {old!r} to {new!r}; the weights are checked against the "

@@ -349,3 +349,57 @@ def test_param_groups_state_dict_and_multiplier():
     assert all(torch.equal(adapters.trainable_state_dict()[k], v) for k, v in saved.items())
     with pytest.raises(ModelLoadError, match="network"):
         adapters.load_trainable_state_dict({k: v for k, v in list(saved.items())[1:]})
+
+
+# ------------------------------------------------------------------ network.blocks
+
+
+def test_blocks_set_rank_and_alpha_per_layer_first_match_wins():
+    """[[network.blocks]]: the first entry whose pattern matches a kohya name sets that layer's rank / alpha; a rank
+    without an alpha keeps the layer's scale; counts and the meta-device plan follow the shapes."""
+    from sdtrain.adapters.spec import BlockSpec
+    from sdtrain.train.blocks import block_learning_rates
+
+    unet, encoders = fresh("sd15")
+    blocks = [BlockSpec("lora_unet_up_blocks_*attn2*", rank=8),
+              BlockSpec("lora_unet_up_blocks_*", rank=2, alpha=1.0, lr=0.0),
+              BlockSpec("re:down_blocks_1_.*_to_q$", alpha=16.0, lr=5e-4),
+              BlockSpec("lora_unet_nothing_*", rank=1)]
+    spec = NetworkSpec(rank=4, alpha=2.0, preset="attn", blocks=blocks)
+    plan = plan_injection(unet.config, [te.config for te in encoders], "sd15", spec)
+    adapters = inject_adapters(unet, encoders, "sd15", spec)
+    seen = set()
+    for name, module in adapters.modules.items():
+        if name.startswith("lora_unet_up_blocks_") and "attn2" in name:
+            want = (8, 4.0)  # rank 8 at the network's scale 2/4
+        elif name.startswith("lora_unet_up_blocks_"):
+            want = (2, 1.0)
+        elif re.search(r"down_blocks_1_.*_to_q$", name):
+            want = (4, 16.0)
+        else:
+            want = (4, 2.0)
+        assert (module.rank, module.alpha) == want, name
+        assert tuple(module.lora_down.weight.shape)[0] == want[0]
+        seen.add(want)
+    assert seen == {(8, 4.0), (2, 1.0), (4, 16.0), (4, 2.0)}
+    assert count_trainable_params(plan, spec) == sum(p.numel() for p in adapters.parameters())
+    assert any('network.blocks.3.pattern "lora_unet_nothing_*" matches no adapted layer' in w for w in plan.warnings)
+
+    rates = block_learning_rates(spec, adapters.modules)
+    assert {n for n, (label, lr) in rates.items() if label == "blocks.1"} == {
+        n for n in adapters.modules if n.startswith("lora_unet_up_blocks_") and "attn2" not in n}
+    groups = adapters.param_groups({"unet": 1e-4}, rates)
+    # model order: the component's own group, then the entries' groups as their first layer comes
+    assert [(g["name"], g["lr"]) for g in groups] == [("unet", 1e-4), ("unet:blocks.2", 5e-4), ("unet:blocks.1", 0.0)]
+    assert sum(len(g["params"]) for g in groups) == len(adapters.parameters())
+    assert len({id(p) for g in groups for p in g["params"]}) == len(adapters.parameters())
+
+
+def test_an_entry_shadowed_by_an_earlier_one_warns():
+    from sdtrain.adapters.spec import BlockSpec
+
+    unet, encoders = fresh("sd15")
+    spec = NetworkSpec(rank=4, preset="attn", blocks=[BlockSpec("lora_unet_*", lr=1e-4),
+                                                      BlockSpec("lora_unet_up_*", rank=2)])
+    plan = plan_injection(unet.config, [te.config for te in encoders], "sd15", spec)
+    assert any("network.blocks.1" in w and "first match wins" in w for w in plan.warnings)

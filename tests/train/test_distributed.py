@@ -37,7 +37,9 @@ def test_two_processes_match_one_process_with_double_batch_and_resume(tmp_path):
     # no weight decay: DDP hands zero gradients (not none) to the adapters of CLIP-L's last layer, which SDXL's
     # conditioning never reads, and weight decay would then shrink them in the 2-process run only
     # a validation folder (12 fixed samples shared out between the processes), loss masks on the training images
-    # and an EMA (each process keeps its own, the same)
+    # and an EMA (each process keeps its own, the same); adapter dropout and a [[network.blocks]] entry: masks are
+    # drawn per global batch and sample slot, so the processes draw what the single process draws; module dropout
+    # leaves adapters without gradients
     held = make_dataset(tmp_path / "held", count=3)
     masks = write_half_masks(tmp_path / "masks", ["img0", "img1", "img2"])
     options = ["optimizer.type=SGD", "optimizer.lr=2.0", "optimizer.weight_decay=0", "network.train_text_encoder=true",
@@ -47,7 +49,9 @@ def test_two_processes_match_one_process_with_double_batch_and_resume(tmp_path):
                "train.timestep_shift=2", "train.debiased_estimation_loss=true", "model.max_token_length=150",
                "data.subsets.0.caption_prefix=sks,",
                f"validation.path={held}", "validation.every_n_steps=2",
-               f"data.subsets.0.mask_path={masks}", "ema.enabled=true", "ema.decay=0.5", "ema.start_step=2"]
+               f"data.subsets.0.mask_path={masks}", "ema.enabled=true", "ema.decay=0.5", "ema.start_step=2",
+               "network.dropout=0.2", "network.rank_dropout=0.3", "network.module_dropout=0.2",
+               "network.blocks.0.pattern=lora_te2_*", "network.blocks.0.rank=2", "network.blocks.0.lr=1.0"]
     sets = [x for item in options for x in ("--set", item)]
     config = write_config(tmp_path, "ddp", count=4, steps=steps)
     done = torchrun(config, "--set", "train.batch_size=1", *sets)

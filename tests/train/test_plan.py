@@ -64,3 +64,38 @@ def test_plan_shows_samples_ema_and_trackers(tmp_path):
     assert ("EMA of the adapter weights: decay 0.99, updated every 5 steps after step 100, used for samples; saved "
             "as run-ema.safetensors") in text
     assert "logs: loss_log.csv\n" in text
+
+
+def test_dry_run_shows_the_blocks_and_the_adapter_dropout(tmp_path):
+    """Each [[network.blocks]] entry's layers (count per model), rank, alpha and lr; the parameter count follows
+    the entries' ranks; the dropout line."""
+    from sdtrain.adapters.inject import NetworkSpec, plan_injection
+    from sdtrain.train.plan import model_configs
+
+    blocks = ["network.blocks.0.pattern=lora_unet_output_blocks_*", "network.blocks.0.rank=8",
+              "network.blocks.0.lr=0", "network.blocks.1.pattern=lora_te2_*", "network.blocks.1.alpha=2",
+              "network.blocks.1.lr=5e-5", "network.blocks.2.pattern=lora_unet_nothing_*", "network.blocks.2.rank=1"]
+    cfg = load_config(write_config(tmp_path, "plan"), ["model.path=stabilityai/stable-diffusion-xl-base-1.0",
+                                                       "model.arch=sdxl", "network.preset=attn-mlp", "network.rank=4",
+                                                       "network.train_text_encoder=true", "optimizer.lr=1e-4",
+                                                       "network.rank_dropout=0.25", *blocks])
+    plan = make_plan(cfg)
+    text = describe_plan(plan, cfg)
+    unet_config, encoders, _ = model_configs(cfg, "sdxl")
+    names = [e for e in plan_injection(unet_config, encoders, "sdxl", NetworkSpec(rank=4, preset="attn-mlp",
+                                                                                  train_text_encoder=True))]
+    output = [e for e in names if e.kohya_name.startswith("lora_unet_output_blocks_")]
+    te2 = [e for e in names if e.kohya_name.startswith("lora_te2_")]
+    assert f'0: "lora_unet_output_blocks_*" -> {len(output)} unet: rank 8 alpha 8, lr 0 (frozen)' in text
+    assert f'1: "lora_te2_*" -> {len(te2)} te2: rank 4 alpha 2, lr 5e-05' in text
+    assert '2: "lora_unet_nothing_*" -> no layer' in text
+    assert "adapter dropout (training steps only): network 0, rank 0.25, module 0" in text
+
+    def params(entry, rank):
+        fan_in = 1
+        for side in entry.weight_shape[1:]:
+            fan_in *= side
+        return rank * (fan_in + entry.weight_shape[0]) + entry.weight_shape[0]  # A, B and the output magnitude
+
+    want = sum(params(e, 8 if e in output else 4) for e in names)
+    assert plan.trainable_params == want

@@ -653,6 +653,110 @@ def test_revision_and_variant_reach_the_hub_download(tmp_path, monkeypatch):
     torch.testing.assert_close(loaded[None], build_tiny_pipeline("sd15", seed=0).unet.conv_in.weight)
 
 
+# ---------------------------------------------------------------- adapter dropout and per-block settings
+
+
+def first_step_grads(config, overrides):
+    """(trainer, initial adapter tensors, the gradients of the first optimizer step) of a run."""
+    spies, initial = [], {}
+
+    def setup(trainer, probe):
+        spies.append(StepSpy(trainer.optimizer.optimizer))
+        initial.update({k: v.clone() for k, v in trainer.adapters.trainable_state_dict().items()})
+
+    trainer, _ = probed_run(config, overrides, setup=setup)
+    names = {id(p): n for n, p in trainer.adapters.named_parameters()}
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    grads = [grad for _, group in spies[0].before[0] for _, grad in group]
+    return trainer, initial, {names[id(p)]: grad for p, grad in zip(params, grads)}
+
+
+def test_adapter_dropout_reaches_the_layers_in_training_steps_only(tmp_path):
+    """Dropout keys at 0 give the run without them bit for bit; module dropout 1 leaves every adapter untrained;
+    network + rank dropout change the gradients of the steps, but not a forward outside a step (samples)."""
+    config = write_config(tmp_path, "dropout")
+    overrides = no_augmentation(2) + SGD
+    plain, initial, plain_grads = first_step_grads(config, overrides)
+    zeros, _, _ = first_step_grads(config, overrides + ["network.dropout=0", "network.rank_dropout=0",
+                                                        "network.module_dropout=0"])
+    assert zeros.dropout is None and all(m.dropout is None for m in zeros.adapters.modules.values())
+    trained = plain.adapters.trainable_state_dict()
+    assert_same = {k: torch.equal(v, zeros.adapters.trainable_state_dict()[k]) for k, v in trained.items()}
+    assert all(assert_same.values())
+    assert any(not torch.equal(v, initial[k]) for k, v in trained.items())
+
+    skipped, skipped_initial, _ = first_step_grads(config, overrides + ["network.module_dropout=1"])
+    assert all(torch.equal(v, skipped_initial[k]) for k, v in skipped.adapters.trainable_state_dict().items())
+
+    dropped, _, dropped_grads = first_step_grads(config, overrides + ["network.dropout=0.3",
+                                                                      "network.rank_dropout=0.5"])
+    assert all(isinstance(m.dropout.p_rank, float) and m.dropout.p_rank == 0.5 for m in dropped.adapters.modules.values())
+    # B = 0 at step 1, so the forward is the base model's and only lora_up's gradient s·gᵀ·h sees the masks
+    differ = [not torch.equal(grad, dropped_grads[name]) for name, grad in plain_grads.items()
+              if name.endswith("lora_up.weight")]
+    assert len(differ) == len(dropped.adapters.modules) and all(differ)
+
+    assert not dropped.dropout.armed  # between steps (saves, samples, the final verify) nothing drops
+    name, module = next(iter(dropped.adapters.modules.items()))
+    x = torch.randn(2, 5, module.base.in_features)
+    with torch.no_grad():
+        outside = module(x)
+        layer_dropout, module.dropout = module.dropout, None
+        reference = module(x)
+        module.dropout = layer_dropout
+        with dropped.dropout_armed(0, 0):
+            inside = module(x)
+    assert torch.equal(outside, reference) and not torch.equal(inside, reference)
+
+
+def test_block_learning_rates_and_ranks_reach_the_optimizer_and_the_file(tmp_path):
+    """[[network.blocks]]: the entries' ranks shape the adapters and the saved file, their rates become parameter
+    groups of the SGD step (a block at lr 0 keeps its weights), the file keeps network.rank as ss_network_dim."""
+    import json
+
+    from safetensors import safe_open
+
+    blocks = ["network.blocks.0.pattern=lora_unet_output_blocks_*", "network.blocks.0.rank=2",
+              "network.blocks.0.lr=0", "network.blocks.1.pattern=lora_unet_input_blocks_*",
+              "network.blocks.1.lr=0.25"]
+    overrides = no_augmentation(1) + SGD + ["optimizer.unet_lr=0.5", 'save.targets=["comfyui"]'] + blocks
+    spies = []
+    trainer, _ = probed_run(write_config(tmp_path, "blocks"), overrides,
+                            setup=lambda t, p: spies.append(StepSpy(t.optimizer.optimizer)))
+    rates = {"unet": 0.5, "unet:blocks.0": 0.0, "unet:blocks.1": 0.25}
+    groups = trainer.optimizer.param_groups
+    assert sorted(g["name"] for g in groups) == sorted(rates)
+    for group in groups:
+        members = {n for n, m in trainer.adapters.modules.items()
+                   if any(p is q for p in m.parameters() for q in group["params"])}
+        prefix = {"unet:blocks.0": "lora_unet_output_blocks_", "unet:blocks.1": "lora_unet_input_blocks_"}
+        if group["name"] in prefix:
+            assert members and all(n.startswith(prefix[group["name"]]) for n in members)
+        else:
+            assert members and not any(n.startswith(tuple(prefix.values())) for n in members)
+    moved = frozen = 0
+    for group, (lr, before), (_, after) in zip(groups, spies[0].before[0], spies[0].after[0]):
+        assert lr == rates[group["name"]]
+        for (value, grad), (new, _) in zip(before, after):
+            if grad is not None and grad.abs().sum() > 0:
+                torch.testing.assert_close(new, value - lr * grad, rtol=0, atol=1e-7)
+                moved += lr > 0
+                frozen += lr == 0 and torch.equal(new, value)
+    assert moved > 5 and frozen > 5
+    ranks = {n: m.rank for n, m in trainer.adapters.modules.items()}
+    assert {r for n, r in ranks.items() if n.startswith("lora_unet_output_blocks_")} == {2}
+    assert {r for n, r in ranks.items() if not n.startswith("lora_unet_output_blocks_")} == {4}
+    with safe_open(str(trainer.result.final_adapter), "pt") as f:
+        metadata = f.metadata()
+        file_ranks = {k[:-len(".lora_down.weight")]: f.get_tensor(k).shape[0] for k in f.keys()
+                      if k.endswith(".lora_down.weight")}
+    assert file_ranks == ranks
+    assert metadata["ss_network_dim"] == "4"
+    assert json.loads(json.loads(metadata["ss_network_args"])["blocks"]) == [
+        {"pattern": "lora_unet_output_blocks_*", "rank": 2}]
+    assert trainer.result.verify_report.exact() and "comfyui" in trainer.result.verify_report.exact()
+
+
 # ---------------------------------------------------------------- every key is read
 
 
@@ -708,7 +812,10 @@ def test_every_config_key_is_read(tmp_path, capsys):
         "train.debiased_estimation_loss=true", "train.scale_v_pred_loss_like_noise_pred=true",
         "train.prior_loss_weight=0.5", "train.multires_noise_iterations=2", "train.multires_noise_discount=0.5",
         "train.ip_noise_gamma=0.1", "train.zero_terminal_snr=true", "train.timestep_sampling=logit_normal",
-        "train.logit_mean=0.1", "train.logit_std=1.1", "train.timestep_shift=1.5"]
+        "train.logit_mean=0.1", "train.logit_std=1.1", "train.timestep_shift=1.5",
+        "network.dropout=0.1", "network.rank_dropout=0.1", "network.module_dropout=0.1",
+        "network.blocks.0.pattern=lora_unet_output_blocks_*", "network.blocks.0.rank=2", "network.blocks.0.alpha=1",
+        "network.blocks.0.lr=1e-3"]
     reads: set[str] = set()
     cfg = load_config(config, overrides)
     record_reads(cfg, reads)
