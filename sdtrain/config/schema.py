@@ -26,7 +26,10 @@ from sdtrain.config.kinds import (
 )
 
 ARCHS = ("auto", "sd15", "sd2", "sdxl")
-BUILTIN_MODELS = {"builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl"}
+BUILTIN_MODELS = {  # name -> arch; the -random names are the same architectures with seed-0 random weights
+    "builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl",
+    "builtin:tiny-sd15-random": "sd15", "builtin:tiny-sdxl-random": "sdxl",
+}
 DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
 OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Adafactor", "Prodigy", "SGD")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
