@@ -37,7 +37,7 @@ def make_trainer(kind: str, args, work: Path):
         f"network.train_text_encoder={str(args.text_encoder).lower()}",
         f"optimizer.type={args.optimizer}", "optimizer.lr=1e-4",
         f"train.batch_size={args.batch}", "train.max_steps=100000", "train.mixed_precision=no",
-        f"train.output_dir={work / kind}", "log.tensorboard=false", "save.verify_targets=[]",
+        f"train.output_dir={work / kind}", "log.tensorboard=false", "save.targets=[]",
     ]
     cfg = load_config(ROOT / "configs" / "demo.toml", overrides)
     trainer = Trainer(cfg, quiet=True)

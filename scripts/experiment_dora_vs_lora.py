@@ -62,7 +62,7 @@ def train_run(label: str, args, out: Path) -> list[Path]:
         "optimizer.type=AdamW", f"optimizer.lr={args.lr}", "scheduler.type=constant", "scheduler.warmup_steps=0",
         f"train.max_steps={args.steps}", "train.batch_size=2", "train.mixed_precision=no", f"train.seed={args.seed}",
         "train.min_snr_gamma=0", f"train.output_dir={(out / label).as_posix()}", f"train.output_name={label}",
-        f"save.every_n_steps={args.save_every}", "save.dtype=fp32", "save.verify_targets=[]",
+        f"save.every_n_steps={args.save_every}", "save.dtype=fp32", "save.targets=[]",
         "sample.every_n_steps=0", "log.tensorboard=false",
     ]
     start = time.perf_counter()

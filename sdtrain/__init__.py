@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-import logging as _logging
+from sdtrain.console import install_filters as _install_filters
 
-# bitsandbytes logs a warning about its 4-bit CPU kernels on import; sdtrain uses only its 8-bit optimizers.
-_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+# Known third-party messages that say nothing to an sdtrain user are filtered at their loggers (see console.py).
+_install_filters()

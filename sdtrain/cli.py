@@ -1,7 +1,8 @@
 """`sdtrain` command line: one sub-command per module in `sdtrain.commands`.
 
 Each command module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`.
-User errors (`sdtrain.errors.UserError`) print their message and exit with code 2.
+User errors (`sdtrain.errors.UserError`) print their message and exit with code 2. Every command takes
+`--verbose`, which shows what `sdtrain.console` filters out (known third-party noise, library progress bars).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from sdtrain import __version__
 from sdtrain.errors import UserError
 
-COMMAND_MODULES = ["train", "verify", "inspect", "merge", "analyze", "doctor"]
+COMMAND_MODULES = ["train", "verify", "export", "inspect", "merge", "analyze", "install_comfyui", "install_webui",
+                   "doctor"]
 
 
 def _load_commands():
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     for module in _load_commands():
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
+        p.add_argument("--verbose", action="store_true",
+                       help="show every message of the libraries sdtrain uses, including known noise it hides")
         p.set_defaults(_run=module.run)
     return parser
 
@@ -44,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from sdtrain.console import setup_logging
+
+    setup_logging(verbose=getattr(args, "verbose", False))
     try:
         return int(args._run(args) or 0)
     except UserError as exc:

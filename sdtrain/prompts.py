@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import re
 
+from sdtrain.limits import MAX_CFG_SCALE, MAX_SAMPLE_STEPS, MAX_SEED, MAX_SIDE
+
 # option letter -> (result key, value parser, what it accepts)
 _OPTIONS = {
     "n": ("negative", str, "text"),
-    "w": ("width", int, "a width in pixels, a multiple of 8"),
-    "h": ("height", int, "a height in pixels, a multiple of 8"),
-    "d": ("seed", int, "an integer seed >= 0"),
-    "l": ("cfg", float, "a CFG scale >= 0"),
-    "s": ("steps", int, "a step count >= 1"),
+    "w": ("width", int, f"a width in pixels, a multiple of 8 up to {MAX_SIDE}"),
+    "h": ("height", int, f"a height in pixels, a multiple of 8 up to {MAX_SIDE}"),
+    "d": ("seed", int, f"an integer seed in [0, {MAX_SEED}]"),
+    "l": ("cfg", float, f"a CFG scale in [0, {MAX_CFG_SCALE:g}]"),
+    "s": ("steps", int, f"a step count in [1, {MAX_SAMPLE_STEPS}]"),
 }
 _OPTION_RE = re.compile(r"(?:^|\s)--([A-Za-z]+)(?=\s|$)")
 
@@ -40,11 +42,11 @@ def parse_prompt_line(line: str) -> dict:
         except ValueError:
             raise ValueError(f"--{letter} '{raw}' is not valid; it accepts {accepts}") from None
         valid = {
-            "width": value > 0 and value % 8 == 0,
-            "height": value > 0 and value % 8 == 0,
-            "seed": value >= 0,
-            "cfg": value >= 0,
-            "steps": value >= 1,
+            "width": 0 < value <= MAX_SIDE and value % 8 == 0,
+            "height": 0 < value <= MAX_SIDE and value % 8 == 0,
+            "seed": 0 <= value <= MAX_SEED,
+            "cfg": 0 <= value <= MAX_CFG_SCALE,
+            "steps": 1 <= value <= MAX_SAMPLE_STEPS,
         }[key]
         if not valid:
             raise ValueError(f"--{letter} {raw} is out of range; it accepts {accepts}")

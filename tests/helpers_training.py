@@ -1,4 +1,4 @@
-"""Helpers for tests that run the real trainer on the tiny SDXL model (a learnable flat-colour dataset)."""
+"""Helpers for tests that run the real trainer on the tiny models (a learnable flat-colour dataset)."""
 
 from __future__ import annotations
 
@@ -7,25 +7,31 @@ import torch
 from PIL import Image
 
 from sdtrain.config import load_config
-from sdtrain.train.loop import Trainer
+from sdtrain.train.interrupt import TrainingInterrupted
+from sdtrain.train.loop import Trainer, TrainerCallback
+
+COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 240, 240), (20, 20, 20), (200, 200, 0)]
+NAMES = ["red", "blue", "green", "white", "black", "yellow"]
 
 
-def make_dataset(folder, count=4):
+def make_dataset(folder, count=4, size=64):
+    """`count` flat-colour images with captions "a <colour> square, flat colour, demo, <i>"."""
     folder.mkdir(parents=True)
-    colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 240, 240), (20, 20, 20), (200, 200, 0)]
     for i in range(count):
-        Image.new("RGB", (64, 64), colours[i % 6]).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"square {i}, colour {i}, flat, demo")
+        Image.new("RGB", (size, size), COLOURS[i % 6]).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a {NAMES[i % 6]} square, flat colour, demo, {i}")
     return folder
 
 
-def write_config(tmp_path, name: str, count: int = 4, steps: int = 40, extra: str = "") -> str:
+def write_config(tmp_path, name: str, count: int = 4, steps: int = 40, extra: str = "", arch: str = "sdxl") -> str:
+    """A config for the tiny `arch` model on `tmp_path/data` (made once), writing to `tmp_path/name`:
+    DoRA rank 4 on attention, AdamW8bit, caption shuffling and dropout, flips, fp32, a state every 5 steps."""
     data = tmp_path / "data"
     if not data.exists():
         make_dataset(data, count)
     text = f"""
 [model]
-path = "builtin:tiny-sdxl"
+path = "builtin:tiny-{arch}"
 [data]
 resolution = 64
 min_bucket_side = 64
@@ -54,7 +60,7 @@ output_name = "run"
 dtype = "fp32"
 state_every_n_steps = 5
 keep_last_states = 2
-verify_targets = []
+targets = []
 [log]
 tensorboard = false
 {extra}
@@ -64,23 +70,37 @@ tensorboard = false
     return str(path)
 
 
-def run(config, overrides=(), resume=None, stop_at=None, monkeypatch=None):
+class StopAt(TrainerCallback):
+    """Stops the run cleanly after optimizer step `step`, as Ctrl+C would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, loss):
+        if step == self.step:
+            trainer.request_stop("the test")
+
+
+class SeenBatches(TrainerCallback):
+    """Records (epoch, [record index, ...]) of every micro-batch trained."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_batch(self, trainer, epoch, keys):
+        self.seen.append((epoch, [key.record for key in keys]))
+
+
+def run(config, overrides=(), resume=None, stop_at=None, callbacks=()):
+    """Train `config` with `overrides`; with `stop_at`, stop cleanly after that step (the trainer saves a state)."""
     cfg = load_config(config, list(overrides))
-    trainer = Trainer(cfg, resume=resume, quiet=True)
-    if stop_at is not None:
-        original = Trainer.after_step
-
-        def interrupting(self, per_epoch):
-            original(self, per_epoch)
-            if self.global_step == stop_at:
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(Trainer, "after_step", interrupting)
-        with pytest.raises(KeyboardInterrupt):
-            trainer.run()
-        monkeypatch.setattr(Trainer, "after_step", original)
+    callbacks = list(callbacks) + ([StopAt(stop_at)] if stop_at is not None else [])
+    trainer = Trainer(cfg, resume=resume, quiet=True, callbacks=callbacks)
+    if stop_at is None:
+        trainer.run()
         return trainer
-    trainer.run()
+    with pytest.raises(TrainingInterrupted, match=f"after step {stop_at} "):
+        trainer.run()
     return trainer
 
 

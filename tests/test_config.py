@@ -38,9 +38,9 @@ optimizer.weight_decay optimizer.betas optimizer.eps optimizer.args
 scheduler.type scheduler.warmup_steps scheduler.num_cycles scheduler.power
 train.max_steps train.epochs train.batch_size train.gradient_accumulation_steps train.max_grad_norm
 train.mixed_precision train.gradient_checkpointing train.seed train.loss train.huber_c train.min_snr_gamma
-train.noise_offset train.min_timestep train.max_timestep train.output_dir train.output_name train.attention
+train.noise_offset train.min_timestep train.max_timestep train.output_dir train.output_name
 save.every_n_steps save.every_n_epochs save.keep_last save.dtype save.state_every_n_steps save.keep_last_states
-save.verify_targets
+save.target save.targets
 sample.every_n_steps sample.prompts sample.sampler sample.steps sample.cfg_scale sample.seed
 log.tensorboard log.log_dir log.log_every_n_steps
 """.split()
@@ -81,6 +81,47 @@ def load_error(path, overrides=()) -> str:
 
 def test_schema_has_exactly_the_documented_keys():
     assert [key for key, _ in iter_keys()] == EXPECTED_KEYS
+
+
+def _choices(dotted: str):
+    return next(f.metadata["kind"] for key, f in iter_keys() if key == dotted).values
+
+
+def test_choices_come_from_the_modules_that_implement_them():
+    import torch
+
+    from sdtrain.adapters.dora import DoRALinear
+    from sdtrain.adapters.inject import _meta_unet
+    from sdtrain.adapters.presets import PRESETS, unet_preset_paths
+    from sdtrain.adapters.spec import AXES, TYPES
+    from sdtrain.models.tiny import tiny_configs
+    from sdtrain.train.loss import LOSS_KINDS, diffusion_loss
+    from sdtrain.train.optim import OPTIMIZER_TYPES, SCHEDULER_TYPES
+    from sdtrain.train.sampling import SAMPLERS, sampler_scheduler
+
+    assert _choices("optimizer.type") is OPTIMIZER_TYPES and _choices("scheduler.type") is SCHEDULER_TYPES
+    assert _choices("train.loss") is LOSS_KINDS
+    assert _choices("network.type") is TYPES and _choices("network.decompose_axis") is AXES
+    assert _choices("network.preset") == tuple(PRESETS) and _choices("sample.sampler") == tuple(SAMPLERS)
+    # and the owners implement every choice they list
+    for kind in LOSS_KINDS:
+        diffusion_loss(torch.zeros(1, 2), torch.ones(1, 2), kind)
+    for name in SAMPLERS:
+        sampler_scheduler(name, {"num_train_timesteps": 1000})
+    unet = _meta_unet(tiny_configs("sd15")[0])
+    assert all(unet_preset_paths(unet, preset) for preset in PRESETS)
+    for axis in AXES:
+        DoRALinear(torch.nn.Linear(8, 8), 2, 2.0, axis=axis)
+
+
+def test_loading_a_config_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, sdtrain.config; print(sorted(m for m in ('torch', 'numpy', 'diffusers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.stdout.strip() == "[]", done.stderr
 
 
 @pytest.mark.parametrize("name", ["character", "style", "sd15"])
@@ -166,14 +207,15 @@ def test_unknown_key_from_an_override_points_at_the_override(project):
     [
         ('train.batch_size="two"', ["'train.batch_size'", "wrong type", '"two" (string)', "an integer >= 1"]),
         ("train.max_steps=true", ["'train.max_steps'", "wrong type", "true (boolean)", "an integer >= 1"]),
-        ("network.rank=0", ["'network.rank'", "out of range", "0 (integer)", "an integer >= 1"]),
+        ("network.rank=0", ["'network.rank'", "out of range", "0 (integer)", "an integer in [1, 2048]"]),
         ("data.subsets.0.caption_dropout=1.5", ["'data.subsets.0.caption_dropout'", "a number in [0, 1]"]),
-        ("network.alpha=0", ["'network.alpha'", "a number > 0"]),
+        ("network.alpha=0", ["'network.alpha'", "a finite number > 0"]),
         ("data.resolution=[1000, 1024]", ["'data.resolution'", "multiples of 64"]),
         ("optimizer.betas=[0.9]", ["'optimizer.betas'", "a list of two numbers"]),
         ('optimizer.type="adamw8bit"', ["'optimizer.type'", '"AdamW", "AdamW8bit"', 'did you mean "AdamW8bit"?']),
         ('network.preset="attention"', ["'network.preset'", '"attn", "attn-mlp", "full"']),
-        ('save.verify_targets=["comfy"]', ["'save.verify_targets'", '"comfyui", "a1111", "lycoris"']),
+        ('save.targets=["comfy"]', ["'save.targets'", '"comfyui", "forge", "comfyui-fixed"']),
+        ('save.target="sdnext"', ["'save.target'", '"comfyui", "forge", "lycoris", "a1111", "portable"']),
         ('model="x"', ["'model'", "must be a table ([model])"]),
     ],
 )
@@ -353,7 +395,7 @@ def test_default_config_dataclass_matches_documented_defaults():
     cfg = Config()
     assert (cfg.network.type, cfg.network.rank, cfg.network.preset, cfg.network.decompose_axis) == \
         ("dora", 16, "attn-mlp", "output")
-    assert cfg.save.verify_targets == ["comfyui", "a1111", "lycoris"]
+    assert (cfg.save.target, cfg.save.targets) == ("comfyui", None)
     assert cfg.data.caption_extension == ".txt" and cfg.data.subsets == []
 
 

@@ -20,7 +20,7 @@ def test_config_reference_is_generated_from_the_schema():
 
 def test_readme_commands_exist():
     subcommands = set(build_parser()._subparsers._group_actions[0].choices)
-    mentioned = set(re.findall(r"`sdtrain (\w+)", README))
+    mentioned = set(re.findall(r"`sdtrain ([\w-]+)", README))
     assert mentioned <= subcommands, mentioned - subcommands
     assert {"train", "verify", "inspect", "merge", "analyze", "doctor"} <= subcommands
 

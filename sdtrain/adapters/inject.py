@@ -8,55 +8,19 @@ device for a dry run; `inject_adapters` carries a plan out on real models and re
 from __future__ import annotations
 
 import fnmatch
-import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from sdtrain.adapters.adapter_set import AdapterSet, format_report
-from sdtrain.adapters.presets import ADAPTABLE, PRESETS, layer_kind, text_encoder_paths, unet_preset_paths
+from sdtrain.adapters.names import ADAPTABLE_TYPES
+from sdtrain.adapters.presets import PRESETS, layer_kind, text_encoder_paths, unet_preset_paths
+from sdtrain.adapters.spec import AXES, TYPES, NetworkSpec
 from sdtrain.errors import ConfigError
 
-log = logging.getLogger(__name__)
-
-TYPES = ("dora", "lora")
-AXES = ("output", "input")
-
-
-@dataclass
-class NetworkSpec:
-    """What to inject; mirrors the `[network]` config keys (see `sdtrain/config/schema.py`)."""
-
-    type: str = "dora"
-    rank: int = 16
-    alpha: float | None = None  # None: rank (scale 1)
-    conv_rank: int | None = None  # None: rank
-    conv_alpha: float | None = None  # None: conv_rank * alpha / rank (same scale as linear layers)
-    decompose_axis: str = "output"
-    detach_norm: bool = True
-    preset: str = "attn-mlp"
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    train_unet: bool = True
-    train_text_encoder: bool = False
-
-    @classmethod
-    def from_config(cls, network) -> NetworkSpec:
-        """From the resolved `config.network` section (any object with these attribute names)."""
-        return cls(**{f.name: getattr(network, f.name) for f in fields(cls) if hasattr(network, f.name)})
-
-    def rank_alpha(self, kind: str) -> tuple[int, float]:
-        """(rank, alpha) of an adapter on a "linear" or "conv" layer."""
-        alpha = float(self.alpha if self.alpha is not None else self.rank)
-        if kind != "conv" or (self.conv_rank is None and self.conv_alpha is None):
-            return self.rank, alpha
-        conv_rank = self.conv_rank if self.conv_rank is not None else self.rank
-        conv_alpha = self.conv_alpha if self.conv_alpha is not None else conv_rank * alpha / self.rank
-        return conv_rank, float(conv_alpha)
 
 
 class PlannedAdapter(NamedTuple):
@@ -155,9 +119,10 @@ def _check_spec(spec: NetworkSpec) -> None:
         allowed = ", ".join(f'"{p}"' for p in PRESETS)
         raise ConfigError(f'network.preset = "{spec.preset}" is not a preset; use one of {allowed}')
     if spec.type not in TYPES:
-        raise ConfigError(f'network.type = "{spec.type}" is unknown; use one of "dora", "lora"')
+        raise ConfigError(f'network.type = "{spec.type}" is unknown; use one of ' + ", ".join(f'"{t}"' for t in TYPES))
     if spec.decompose_axis not in AXES:
-        raise ConfigError(f'network.decompose_axis = "{spec.decompose_axis}" is unknown; use "output" or "input"')
+        raise ConfigError(f'network.decompose_axis = "{spec.decompose_axis}" is unknown; use one of '
+                          + ", ".join(f'"{a}"' for a in AXES))
 
 
 def plan_injection(unet, text_encoders, arch: str, spec: NetworkSpec) -> InjectionPlan:
@@ -185,7 +150,7 @@ def plan_injection(unet, text_encoders, arch: str, spec: NetworkSpec) -> Injecti
         in_preset.update((component, path) for path in chosen)
         paths = set(chosen)
         if includes:
-            paths.update(path for path, layer in root.named_modules() if isinstance(layer, ADAPTABLE))
+            paths.update(path for path, layer in root.named_modules() if isinstance(layer, ADAPTABLE_TYPES))
         for path, layer in root.named_modules():
             if path not in paths or not layer_kind(layer):
                 continue
@@ -214,8 +179,6 @@ def plan_injection(unet, text_encoders, arch: str, spec: NetworkSpec) -> Injecti
         excluded |= hits
     selected = [c for c in selected if c.kohya_name not in excluded]
 
-    for message in warnings:
-        log.warning(message)
     if not selected:
         raise ConfigError(
             f'network.preset/include/exclude select no layer (preset "{spec.preset}", include {spec.include}, '

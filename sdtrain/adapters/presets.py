@@ -12,7 +12,10 @@ Text encoders, whatever the preset: self_attn q/k/v/out_proj and mlp fc1/fc2 of 
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # preset name -> the groups of UNet layers it adapts
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -21,8 +24,6 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "full": ("attn", "proj", "ff", "resnet", "sampler"),
 }
 
-ADAPTABLE = (nn.Linear, nn.Conv2d)
-
 _ATTN_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")
 _RESNET_LAYERS = ("conv1", "conv2", "conv_shortcut", "time_emb_proj")
 _TEXT_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
@@ -30,6 +31,8 @@ _TEXT_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 
 def layer_kind(module: nn.Module) -> str | None:
     """"linear" or "conv" for a layer an adapter can wrap, else None."""
+    from torch import nn
+
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d) and module.groups == 1:

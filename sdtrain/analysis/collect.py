@@ -139,11 +139,14 @@ def adapter_rows(adapter_file, base, step: int, axis: str = "auto") -> list[Chan
 
 
 def analyze_adapters(paths: Sequence, base, *, steps: Sequence[int] | None = None, axis: str = "auto") -> list[ChangeRow]:
-    """Rows for a series of adapter files (e.g. one run's saves), module by module and step by step."""
+    """Rows for a series of adapter files (e.g. one run's saves), module by module and step by step.
+
+    `paths` holds file paths or files already read (`load_adapter`, which refuses malformed and NaN/inf files).
+    """
     from sdtrain.export.adapter_file import load_adapter
 
     _check_axis(axis)
-    files = [load_adapter(path) for path in paths]
+    files = [path if hasattr(path, "modules") else load_adapter(path) for path in paths]
     resolved = resolve_steps([file_step(f) for f in files], steps)
     rows: list[ChangeRow] = []
     for adapter_file, step in zip(files, resolved):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-AXES = ("output", "input")
+from sdtrain.adapters.spec import AXES
 
 
 def channel_vectors(weight: torch.Tensor, axis: str) -> torch.Tensor:

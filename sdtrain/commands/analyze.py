@@ -61,6 +61,7 @@ def run(args) -> int:
     from sdtrain.analysis.collect import analyze_adapters, analyze_full_checkpoints
     from sdtrain.analysis.report import write_report
     from sdtrain.errors import ConfigError
+    from sdtrain.export.adapter_file import load_adapter
     from sdtrain.models.loading import load_base
 
     if bool(args.adapters) == bool(args.full):
@@ -73,9 +74,10 @@ def run(args) -> int:
     def load(path):
         return load_base(path, config_dir=args.config_dir, allow_pickle=args.allow_pickle)
 
+    adapter_files = [load_adapter(path) for path in args.adapters]  # malformed / NaN/inf files fail before the model loads
     base = load(args.base)
     if args.adapters:
-        rows = analyze_adapters(args.adapters, base, steps=steps, axis=args.axis)
+        rows = analyze_adapters(adapter_files, base, steps=steps, axis=args.axis)
         mode = "adapters"
     else:
         rows = analyze_full_checkpoints(args.full, base, steps=steps, axis=args.axis, load=load)

@@ -1,4 +1,8 @@
-"""`sdtrain inspect ADAPTER`: what an adapter file holds (modules per group, ranks, alphas, axis, dtypes, metadata)."""
+"""`sdtrain inspect ADAPTER`: what an adapter file holds (modules per group, ranks, alphas, axis, dtypes, metadata).
+
+A file holding NaN/inf values is shown with their counts and the command exits 1 (the other commands refuse such a
+file); a malformed file is refused with exit code 2, like everywhere else.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import json
 from collections import Counter
 
 NAME = "inspect"
-HELP = "Show an adapter file's modules per group, ranks, alphas, DoRA axis, dtypes and metadata."
+HELP = ("Show an adapter file's modules per group, ranks, alphas, DoRA axis, dtypes and metadata; exit 1 when it "
+        "holds NaN/inf values.")
 
 _LONG_KEYS = ("ss_tag_frequency", "sdtrain_config", "ss_dataset_dirs", "ss_datasets")
 
@@ -33,6 +38,15 @@ def describe(adapter_file, *, full_metadata: bool = False, list_modules: bool = 
     training_alpha = adapter_file.training_alpha
     if training_alpha is not None:
         lines.append(f"training alpha {training_alpha:g} (folded into lora_up; file alpha = rank)")
+    if adapter_file.non_finite:
+        from sdtrain.export.file_checks import describe_counts, module_of, totals
+
+        counts = adapter_file.non_finite
+        lines.append(f"NaN/inf  {len(counts)} of {adapter_file.tensor_count} tensors in "
+                     f"{len({module_of(k) for k in counts})} of {len(adapter_file.modules)} modules hold NaN/inf "
+                     f"({totals(counts)}): {describe_counts(counts)}")
+        lines.append("         the adapter is corrupt: merge, verify, export, analyze and --init-from refuse it; use an "
+                     "earlier save of the run")
     guessed = [m.name for m in adapter_file.modules.values() if m.axis_guessed]
     if guessed:
         lines.append(f"note     axis of {len(guessed)} module(s) guessed from a square 1-D dora_scale (e.g. {guessed[0]})")
@@ -47,9 +61,12 @@ def describe(adapter_file, *, full_metadata: bool = False, list_modules: bool = 
         )
     if list_modules:
         lines.append("")
+        from sdtrain.export.file_checks import module_of
+
+        bad = {module_of(k) for k in adapter_file.non_finite}
         for name, module in adapter_file.modules.items():
             lines.append(f"  {name}  rank {module.rank}  alpha {module.alpha:g}  {module.kind} "
-                         f"{list(module.weight_shape)}  axis {module.axis or '-'}")
+                         f"{list(module.weight_shape)}  axis {module.axis or '-'}" + ("  NaN/inf" if name in bad else ""))
     if adapter_file.other_keys:
         lines.append(f"ignored keys ({len(adapter_file.other_keys)}): {', '.join(adapter_file.other_keys[:5])}")
     lines.append("")
@@ -76,5 +93,6 @@ def _summarise(key: str, value: str) -> str:
 def run(args) -> int:
     from sdtrain.export.adapter_file import load_adapter
 
-    print(describe(load_adapter(args.adapter), full_metadata=args.full_metadata, list_modules=args.modules))
-    return 0
+    adapter_file = load_adapter(args.adapter, allow_non_finite=True)
+    print(describe(adapter_file, full_metadata=args.full_metadata, list_modules=args.modules))
+    return 1 if adapter_file.non_finite else 0

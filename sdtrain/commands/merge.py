@@ -24,16 +24,22 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from sdtrain.console import no_library_progress_bars
     from sdtrain.export.adapter_file import load_adapter
-    from sdtrain.export.merge import _check_out, merge_into_base, save_merged
+    from sdtrain.export.merge import _check_out, check_strength, merge_into_base, save_merged
     from sdtrain.models.loading import load_base
 
     _check_out(Path(args.out), args.overwrite)
-    adapter_file = load_adapter(args.adapter)
+    check_strength(args.strength)
+    adapter_file = load_adapter(args.adapter)  # a malformed or NaN/inf file is refused before the model loads
+    if adapter_file.other_keys:
+        print(f"note: {len(adapter_file.other_keys)} keys outside the LoRA/DoRA layout are not merged "
+              f"(e.g. {adapter_file.other_keys[0]})")
     base = load_base(args.base, config_dir=args.config_dir, allow_pickle=args.allow_pickle)
-    report = merge_into_base(adapter_file, base, strength=args.strength)
+    report = merge_into_base(adapter_file, base, strength=args.strength, dtype=args.dtype)
     title = adapter_file.metadata.get("ss_output_name") or Path(args.adapter).stem
-    out = save_merged(base, args.out, dtype=args.dtype, overwrite=args.overwrite, title=title)
+    with no_library_progress_bars():
+        out = save_merged(base, args.out, dtype=args.dtype, overwrite=args.overwrite, title=title)
     print(f"merged {len(report.merged)} adapter modules (strength {args.strength:g}) into {args.base}")
     print(f"saved {'single-file checkpoint' if out.suffix == '.safetensors' else 'diffusers folder'} {out} ({args.dtype})")
     return 0

@@ -10,6 +10,7 @@ from it (`python -m sdtrain.config > docs/config.md`).
 from sdtrain.config.dump import (
     config_reference_markdown,
     config_to_dict,
+    config_to_flat_dict,
     resolved_config_path,
     write_resolved_config,
 )
@@ -34,6 +35,6 @@ from sdtrain.prompts import parse_prompt_line
 __all__ = [
     "BUILTIN_MODELS", "Config", "DataConfig", "LogConfig", "ModelConfig", "NetworkConfig", "OptimizerConfig",
     "SampleConfig", "SaveConfig", "SchedulerConfig", "SubsetConfig", "TrainConfig", "apply_overrides",
-    "config_from_dict", "config_reference_markdown", "config_to_dict", "default_resolution", "load_config",
+    "config_from_dict", "config_reference_markdown", "config_to_dict", "config_to_flat_dict", "default_resolution", "load_config",
     "parse_override", "parse_prompt_line", "resolved_config_path", "write_resolved_config",
 ]

@@ -8,7 +8,7 @@ import re
 
 from sdtrain import __version__
 from sdtrain.config.kinds import (
-    Bool, Choice, Float, FloatPair, Int, Path, Resolution, Section, SectionList, Str, StrList, Table,
+    Bool, BoolOrAuto, Choice, Float, FloatPair, Int, Path, Resolution, Section, SectionList, Str, StrList, Table,
 )
 from sdtrain.config.schema import Config, field_default
 
@@ -26,6 +26,27 @@ def config_to_dict(config: Config) -> dict:
         return value
 
     return clean(dataclasses.asdict(config))
+
+
+def config_to_flat_dict(config: Config) -> dict:
+    """{dotted key: value} of every set key, subsets numbered (`data.subsets.0.path`); tables stay whole."""
+    flat: dict = {}
+
+    def walk(cls, data: dict, prefix: str):
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            kind, value, key = f.metadata["kind"], data[f.name], prefix + f.name
+            if isinstance(kind, Section):
+                walk(kind.cls, value, key + ".")
+            elif isinstance(kind, SectionList):
+                for index, item in enumerate(value):
+                    walk(kind.cls, item, f"{key}.{index}.")
+            else:
+                flat[key] = value
+
+    walk(Config, config_to_dict(config), "")
+    return flat
 
 
 # ---------------------------------------------------------------- TOML writing
@@ -110,7 +131,7 @@ def write_resolved_config(config: Config, path) -> None:
 # ---------------------------------------------------------------- reference doc
 
 _TYPE_NAMES = {
-    Bool: "boolean", Int: "integer", Float: "float", Choice: "string", Str: "string", Path: "path",
+    Bool: "boolean", BoolOrAuto: "boolean or string", Int: "integer", Float: "float", Choice: "string", Str: "string", Path: "path",
     StrList: "array of strings", FloatPair: "array of 2 floats", Resolution: "string, integer or array",
     Table: "table", SectionList: "array of tables",
 }
@@ -128,6 +149,10 @@ checked before any model loads: an unknown key fails with its dotted path and a
 - `--set key.path=value` on the command line overrides a key; the value is read
   as a TOML literal when it is one (`--set network.rank=32`, `--set sample.prompts='["a cat"]'`),
   else as a string. Subsets are indexed: `--set data.subsets.0.repeats=3`.
+- kohya option names (`network_dim`, `learning_rate`, `max_train_steps`, `resolution = "512,512"`, ...)
+  are accepted as top-level keys and in `--set`; each is read as its key below, with a note.
+  `sdtrain train CONFIG --dataset-config FILE.toml` reads a kohya dataset config
+  (`[[datasets]]` / `[[datasets.subsets]]`) as `data.subsets`.
 - The resolved config (every default filled in, absolute paths) is written next to the
   outputs as `<train.output_dir>/<train.output_name>.resolved.toml`.
 - Example configs: `configs/character.toml`, `configs/style.toml`, `configs/sd15.toml`,

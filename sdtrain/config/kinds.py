@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
+
+INT64_MAX = 2**63 - 1
 
 
 class Mismatch(Exception):
@@ -80,7 +83,24 @@ class Bool(Kind):
 
 
 @dataclass(frozen=True)
+class BoolOrAuto(Kind):
+    """true, false, or "auto" (decided when the config is resolved)."""
+
+    def check(self, value):
+        if isinstance(value, bool) or value == "auto":
+            return value
+        if isinstance(value, str):
+            raise Mismatch("value", "auto" if value.strip().lower() == "auto" else "")
+        raise Mismatch("type")
+
+    def describe(self) -> str:
+        return 'true, false or "auto"'
+
+
+@dataclass(frozen=True)
 class Int(Kind):
+    """An integer; every integer key also fits a signed 64-bit integer (what TOML, JSON metadata and torch hold)."""
+
     min: int | None = None
     max: int | None = None
     multiple_of: int | None = None
@@ -88,7 +108,7 @@ class Int(Kind):
     def check(self, value):
         if not _is_int(value):
             raise Mismatch("type")
-        if not _in_bounds(value, self.min, self.max, False):
+        if abs(value) > INT64_MAX or not _in_bounds(value, self.min, self.max, False):
             raise Mismatch("value")
         if self.multiple_of and value % self.multiple_of:
             raise Mismatch("value")
@@ -103,6 +123,9 @@ class Int(Kind):
 
 @dataclass(frozen=True)
 class Float(Kind):
+    """A finite number (NaN and inf are refused: TOML reads `nan`, `inf` and overflowing literals like 1e400 as
+    such, and none of them is a usable setting)."""
+
     min: float | None = None
     max: float | None = None
     min_open: bool = False
@@ -110,12 +133,15 @@ class Float(Kind):
     def check(self, value):
         if not _is_number(value):
             raise Mismatch("type")
-        if not _in_bounds(value, self.min, self.max, self.min_open):
+        if _is_int(value) and abs(value) > INT64_MAX:
+            raise Mismatch("value")
+        if not math.isfinite(value) or not _in_bounds(value, self.min, self.max, self.min_open):
             raise Mismatch("value")
         return float(value)
 
     def describe(self) -> str:
-        return "a number" + _bounds_text(self.min, self.max, self.min_open)
+        bounded = self.min is not None and self.max is not None  # a closed range says "finite" by itself
+        return ("a number" if bounded else "a finite number") + _bounds_text(self.min, self.max, self.min_open)
 
 
 @dataclass(frozen=True)

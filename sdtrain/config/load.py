@@ -1,4 +1,8 @@
-"""Read a TOML config, apply `--set key.path=value` overrides and check every key against the schema."""
+"""Read a TOML config, apply `--set key.path=value` overrides and check every key against the schema.
+
+kohya option names (top-level keys, `--set network_dim=8`) and kohya dataset configs are read through
+`sdtrain.config.kohya`; what they were read as is reported as notes.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import difflib
 import os
 from dataclasses import fields
 
+from sdtrain.config import kohya
 from sdtrain.config.kinds import Choice, Mismatch, Path, Section, SectionList, Str, StrList, type_name
 from sdtrain.config.resolve import resolve_config
 from sdtrain.config.schema import Config, iter_keys
@@ -27,47 +32,6 @@ except ModuleNotFoundError:  # Python 3.10
 
     def _parse_toml(text: str) -> dict:
         return toml.loads(text)
-
-
-# Familiar kohya / OneTrainer names, so an unknown key can point at ours.
-KOHYA_NAMES = {
-    "pretrained_model_name_or_path": "model.path",
-    "v_parameterization": "model.prediction_type",
-    "network_dim": "network.rank",
-    "network_alpha": "network.alpha",
-    "network_module": "network.type",
-    "conv_dim": "network.conv_rank",
-    "learning_rate": "optimizer.lr",
-    "optimizer_type": "optimizer.type",
-    "optimizer_args": "optimizer.args",
-    "lr_scheduler": "scheduler.type",
-    "lr_warmup_steps": "scheduler.warmup_steps",
-    "lr_scheduler_num_cycles": "scheduler.num_cycles",
-    "lr_scheduler_power": "scheduler.power",
-    "max_train_steps": "train.max_steps",
-    "max_train_epochs": "train.epochs",
-    "train_batch_size": "train.batch_size",
-    "mixed_precision": "train.mixed_precision",
-    "save_precision": "save.dtype",
-    "save_every_n_steps": "save.every_n_steps",
-    "save_every_n_epochs": "save.every_n_epochs",
-    "sample_every_n_steps": "sample.every_n_steps",
-    "sample_sampler": "sample.sampler",
-    "logging_dir": "log.log_dir",
-    "image_dir": "data.subsets.N.path",
-    "num_repeats": "data.subsets.N.repeats",
-    "shuffle_caption": "data.subsets.N.shuffle_tags",
-    "flip_aug": "data.subsets.N.flip",
-    "caption_dropout_rate": "data.subsets.N.caption_dropout",
-    "caption_tag_dropout_rate": "data.subsets.N.tag_dropout",
-    "class_tokens": "data.subsets.N.class_caption",
-    "enable_bucket": "data.min_bucket_side",
-    "min_bucket_reso": "data.min_bucket_side",
-    "max_bucket_reso": "data.max_bucket_side",
-    "bucket_reso_steps": "data.bucket_step",
-    "bucket_no_upscale": "data.no_upscale",
-    "max_data_loader_n_workers": "data.num_workers",
-}
 
 
 def read_toml(path: str) -> dict:
@@ -118,49 +82,62 @@ def _kind_at(parts: list[str]):
     return None
 
 
-def apply_overrides(data: dict, overrides) -> dict[str, str]:
+def apply_overrides(data: dict, overrides, notes: list[str] | None = None) -> dict[str, str]:
     """Apply `--set` overrides to the raw config dict in place.
 
     Returns {dotted key: override text} so messages can point at the --set that caused them.
-    A list index equal to the list's length appends a new table (e.g. a new subset).
+    A list index equal to the list's length appends a new table (e.g. a new subset). A kohya option name
+    (`--set network_dim=8`) sets its sdtrain key; a note for each goes to `notes`.
     """
     origins: dict[str, str] = {}
     for text in overrides:
         parts, value, raw = parse_override(text)
-        if isinstance(_kind_at(parts), (Str, Path)) and not isinstance(value, str):
-            value = raw  # `--set train.output_name=2024` means the string "2024"
-        node = data
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            where = ".".join(parts[: depth + 1])
-            if isinstance(node, list):
-                if not part.isdigit():
-                    raise ConfigError(f"--set {text}: '{'.'.join(parts[:depth])}' is a list; index it with a number, "
-                                      f"e.g. {'.'.join(parts[:depth])}.0")
-                index = int(part)
-                if index > len(node):
-                    raise ConfigError(f"--set {text}: '{'.'.join(parts[:depth])}' has {len(node)} entries; "
-                                      f"use an index from 0 to {len(node)} ({len(node)} appends a new one)")
-                if last:
-                    if index == len(node):
-                        node.append(value)
-                    else:
-                        node[index] = value
-                else:
-                    if index == len(node):
-                        node.append({})
-                    node = node[index]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    node = node.setdefault(part, [] if parts[depth + 1].isdigit() else {})
-            else:
-                raise ConfigError(f"--set {text}: '{'.'.join(parts[:depth])}' is a single value, not a table; "
-                                  f"it has no key '{part}'")
-            if last:
-                origins[where] = text
+        if len(parts) == 1 and parts[0] in kohya.OPTIONS:
+            option, converted = kohya.read_option(parts[0], value)
+            if notes is not None:
+                notes.append(kohya.option_note(parts[0], option, value, converted, f"--set {text}", override=True))
+            for path in kohya.override_paths(option, data):
+                _set_path(data, path, converted, raw, text, origins)
+            continue
+        _set_path(data, parts, value, raw, text, origins)
     return origins
+
+
+def _set_path(data: dict, parts: list[str], value, raw: str, text: str, origins: dict[str, str]) -> None:
+    """Set one `--set` value at its key path (see `apply_overrides`)."""
+    if isinstance(_kind_at(parts), (Str, Path)) and not isinstance(value, str):
+        value = raw  # `--set train.output_name=2024` means the string "2024"
+    node = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise ConfigError(f"--set {text}: '{'.'.join(parts[:depth])}' is a list; index it with a number, "
+                                  f"e.g. {'.'.join(parts[:depth])}.0")
+            index = int(part)
+            if index > len(node):
+                raise ConfigError(f"--set {text}: '{'.'.join(parts[:depth])}' has {len(node)} entries; "
+                                  f"use an index from 0 to {len(node)} ({len(node)} appends a new one)")
+            if last:
+                if index == len(node):
+                    node.append(value)
+                else:
+                    node[index] = value
+            else:
+                if index == len(node):
+                    node.append({})
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, [] if parts[depth + 1].isdigit() else {})
+        else:
+            raise ConfigError(f"--set {text}: '{'.'.join(parts[:depth])}' is a single value, not a table; "
+                              f"it has no key '{part}'")
+        if last:
+            origins[where] = text
 
 
 # ---------------------------------------------------------------- schema walk
@@ -173,11 +150,12 @@ class _Problems:
         self.source = source
         self.origins = origins
         self.lines: list[str] = []
+        self.notes: list[str] = []
 
     def where(self, dotted: str) -> str:
-        for key, text in self.origins.items():
+        for key, where in self.origins.items():
             if dotted == key or dotted.startswith(key + "."):
-                return f"--set {text}"
+                return where
         return self.source
 
     def add(self, message: str):
@@ -210,8 +188,8 @@ def suggest_key(dotted: str, siblings: list[str]) -> str:
     match = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
     if match:
         return prefix + match[0]
-    if name in KOHYA_NAMES:
-        return _specific(KOHYA_NAMES[name], dotted)
+    if name in kohya.SUGGESTIONS:
+        return _specific(kohya.SUGGESTIONS[name], dotted)
     everywhere = {key.rsplit(".", 1)[-1]: key for key, _ in iter_keys()}
     match = difflib.get_close_matches(name, list(everywhere), n=1, cutoff=0.75)
     if match:
@@ -293,11 +271,13 @@ def build_section(cls, raw, prefix: str, problems: _Problems):
 
 
 def config_from_dict(data: dict, base_dir, *, source: str = "<config>", origins: dict[str, str] | None = None,
-                     stem: str | None = None) -> Config:
+                     stem: str | None = None, notes: list[str] | None = None) -> Config:
     """Check a raw config dict against the schema, then resolve paths and derived defaults.
 
-    `base_dir` is where relative paths start; `source` names the config in messages; `stem`
-    (the config file's name) is the default `train.output_name`. Raises `ConfigError`.
+    `base_dir` is where relative paths start; `source` names the config in messages; `origins` maps dotted
+    keys to where their values came from when not from `source` (e.g. "--set network.rank=8"); `stem` (the
+    config file's name) is the default `train.output_name`. Notes about the resolved config (e.g. TensorBoard
+    off because it is not installed) are appended to `notes`. Raises `ConfigError`.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a table of sections, got {type_name(data)}")
@@ -306,17 +286,34 @@ def config_from_dict(data: dict, base_dir, *, source: str = "<config>", origins:
     problems.raise_if_any()
     resolve_config(config, os.fspath(base_dir), problems, stem)
     problems.raise_if_any()
+    if notes is not None:
+        notes.extend(problems.notes)
     return config
 
 
-def load_config(path, overrides=()) -> Config:
-    """Read the TOML config at `path`, apply `--set key.path=value` overrides, validate and resolve it."""
+def load_config(path, overrides=(), *, dataset_config=None, notes: list[str] | None = None) -> Config:
+    """Read the TOML config at `path`, apply `--set key.path=value` overrides, validate and resolve it.
+
+    Top-level kohya option names are read as their sdtrain keys; `dataset_config` is a kohya dataset TOML
+    whose subsets replace the config's (`sdtrain.config.kohya`). One line per thing the user should know
+    (what a kohya name was read as, TensorBoard off, ...) is appended to `notes`.
+    """
     path = os.fspath(path)
     data = read_toml(path)
-    origins = apply_overrides(data, list(overrides))
+    source = display_path(path)
+    notes = [] if notes is None else notes
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a table of sections, got {type_name(data)}")
+    origins: dict[str, str] = {}
+    subset_defaults = kohya.take_options(data, source, notes, origins)
+    if dataset_config is not None:
+        kohya.merge_dataset_config(data, os.fspath(dataset_config), source, notes, origins)
+    kohya.apply_subset_defaults(data, subset_defaults, origins)
+    for key, text in apply_overrides(data, list(overrides), notes).items():
+        origins[key] = f"--set {text}"
     stem = os.path.splitext(os.path.basename(path))[0]
-    return config_from_dict(data, os.path.dirname(os.path.abspath(path)), source=display_path(path),
-                            origins=origins, stem=stem)
+    return config_from_dict(data, os.path.dirname(os.path.abspath(path)), source=source, origins=origins,
+                            stem=stem, notes=notes)
 
 
 def display_path(path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import tempfile
 
 from sdtrain.config.schema import BUILTIN_MODELS, Config, default_resolution
 from sdtrain.prompts import parse_prompt_line
@@ -31,6 +32,23 @@ def _local(base_dir: str, value: str) -> str:
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
 
 
+def _unwritable(folder: str) -> str:
+    """Why files cannot be created in `folder` (or in the folders that would be created for it), or ""."""
+    existing = folder
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:  # the only reliable test: read-only mounts, /proc and ACLs all answer os.access wrongly for root
+        os.rmdir(tempfile.mkdtemp(prefix=".sdtrain-write-check-", dir=existing))
+    except OSError as exc:
+        return f"{existing} is not writable ({exc.strerror})"
+    return ""
+
+
 class Resolver:
     """Fills derived defaults of a schema-checked `Config` in place, collecting problems."""
 
@@ -43,6 +61,10 @@ class Resolver:
     def fail(self, dotted: str, message: str):
         self.problems.add(f"'{dotted}' in {self.problems.where(dotted)}: {message}")
 
+    def note(self, message: str):
+        """Something the user should know about the resolved config (printed once by the command)."""
+        self.problems.notes.append(message)
+
     def run(self):
         self.model()
         self.network()
@@ -50,6 +72,7 @@ class Resolver:
         self.optimizer()
         self.scheduler_and_train()
         self.outputs()
+        self.save()
         self.sample()
         self.log()
 
@@ -188,6 +211,10 @@ class Resolver:
         local = _local(self.base_dir, value)
         if os.path.exists(local) and not os.path.isdir(local):
             self.fail(dotted, f"{local} is a file; it accepts a folder path")
+        else:
+            problem = _unwritable(local)
+            if problem:
+                self.fail(dotted, f"cannot write into {local}: {problem}; choose a folder you can write to")
         return local
 
     def outputs(self):
@@ -199,6 +226,28 @@ class Resolver:
             self.fail("train.output_name", f'"{t.output_name}" is not a plain file name; it accepts letters, digits '
                                            "and . _ + - (no folders or spaces)")
         d.cache_dir = self._output_dir("data.cache_dir", d.cache_dir or os.path.join(t.output_dir, "cache"))
+
+    def save(self):
+        """save.target must be able to hold the trained DoRA axis; every UI in save.targets must apply it exactly."""
+        from sdtrain.export import targets
+
+        s, n = self.c.save, self.c.network
+        axis = n.decompose_axis if n.type == "dora" else None
+        target = targets.TARGETS[s.target]
+        problem = targets.axis_problem(target, axis)
+        if problem:
+            self.fail("save.target", problem)
+            return
+        for consumer in s.targets or []:
+            if targets.expected_exact(consumer, axis, target.rule):
+                continue
+            better = targets.targets_exact_in(consumer, axis)
+            other = "input" if axis == "output" else "output"
+            fix = (f'set save.target = "{better[0]}"' if better else
+                   f'no file of this axis is: train with network.decompose_axis = "{other}", load it through '
+                   f"sdtrain's ComfyUI nodes / A1111-Forge extension, or drop it from save.targets")
+            self.fail("save.targets", f'{consumer} does not apply {axis}-axis DoRA written for save.target = '
+                                      f'"{s.target}" exactly; {fix}')
 
     def sample(self):
         s = self.c.sample
@@ -216,9 +265,15 @@ class Resolver:
     def log(self):
         g = self.c.log
         g.log_dir = self._output_dir("log.log_dir", g.log_dir or os.path.join(self.c.train.output_dir, "logs"))
-        if g.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        installed = importlib.util.find_spec("tensorboard") is not None
+        if g.tensorboard == "auto":
+            g.tensorboard = installed
+            if not installed:
+                self.note("TensorBoard logging is off: the tensorboard package is not installed (pip install "
+                          "tensorboard turns it on; loss_log.csv in the output folder has the loss of every step)")
+        elif g.tensorboard and not installed:
             self.fail("log.tensorboard", "needs the tensorboard package; install it (pip install tensorboard) "
-                                         "or set log.tensorboard = false")
+                                         'or set log.tensorboard = "auto" or false')
 
 
 def resolve_config(config: Config, base_dir: str, problems, stem: str | None = None) -> Config:

@@ -3,14 +3,20 @@
 Each setting carries its kind (type and accepted values), default and help text, so
 validation, defaults, the resolved-config dump and docs/config.md all come from here.
 Defaults written as text in `default_doc` are filled in by `resolve.py` after loading.
+The accepted values of a choice come from the module that implements it (optimizers, schedules, samplers,
+losses, network types, axes, presets); those modules import torch only where they use it, so loading a config
+stays light.
 """
 
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 
+from sdtrain.adapters.presets import PRESETS
+from sdtrain.adapters.spec import AXES, TYPES
 from sdtrain.config.kinds import (
     Bool,
+    BoolOrAuto,
     Choice,
     Float,
     FloatPair,
@@ -24,6 +30,11 @@ from sdtrain.config.kinds import (
     StrList,
     Table,
 )
+from sdtrain.export.targets import TARGETS as EXPORT_TARGET_TABLE
+from sdtrain.limits import MAX_CFG_SCALE, MAX_RANK, MAX_REPEATS, MAX_SAMPLE_STEPS, MAX_SEED, MAX_SIDE
+from sdtrain.train.loss import LOSS_KINDS
+from sdtrain.train.optim import OPTIMIZER_TYPES, SCHEDULER_TYPES
+from sdtrain.train.sampling import SAMPLERS
 
 ARCHS = ("auto", "sd15", "sd2", "sdxl")
 BUILTIN_MODELS = {  # name -> arch; the -random names are the same architectures with seed-0 random weights
@@ -31,10 +42,8 @@ BUILTIN_MODELS = {  # name -> arch; the -random names are the same architectures
     "builtin:tiny-sd15-random": "sd15", "builtin:tiny-sdxl-random": "sdxl",
 }
 DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
-OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Adafactor", "Prodigy", "SGD")
-SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
-SAMPLERS = ("euler_a", "ddim", "euler", "dpmpp_2m")
-VERIFY_TARGETS = ("comfyui", "a1111", "lycoris")
+EXPORT_TARGETS = tuple(EXPORT_TARGET_TABLE)
+CONSUMERS = ("comfyui", "forge", "comfyui-fixed", "a1111", "a1111-1.9", "lycoris", "diffusers")  # verify.LOADERS (imports torch)
 
 
 def setting(default=None, kind: Kind | None = None, help: str = "", *, required: bool = False,
@@ -61,26 +70,26 @@ class ModelConfig:
                                      "Local diffusers config folder used to build a single-file checkpoint offline.")
     prediction_type: str = setting("auto", Choice(("auto", "epsilon", "v_prediction")),
                                    "What the UNet predicts; \"auto\" reads it from the model's scheduler config.")
-    clip_skip: int = setting(1, Int(min=1), "Use the output of the N-th last text-encoder layer (1 = last, 2 = kohya/A1111 \"clip skip 2\").")
+    clip_skip: int = setting(1, Int(min=1, max=12), "Use the output of the N-th last text-encoder layer (1 = last, 2 = kohya/A1111 \"clip skip 2\").")
     allow_pickle: bool = setting(False, Bool(), "Allow loading pickled .ckpt/.pt/.bin files, which can run code; only for files you trust.")
     revision: str | None = setting(None, Str(nonempty=True), "Hub revision (branch, tag or commit) of a hub model.")
-    variant: str | None = setting(None, Str(nonempty=True), "Hub weight variant, e.g. \"fp16\".")
+    variant: str | None = setting(None, Str(nonempty=True), "Weight variant of a hub model or diffusers folder, e.g. \"fp16\" (files *.fp16.safetensors).")
 
 
 @dataclass
 class NetworkConfig:
-    type: str = setting("dora", Choice(("dora", "lora")), "Adapter type: DoRA (weight-decomposed) or plain LoRA.")
-    rank: int = setting(16, Int(min=1), "Adapter rank (kohya network_dim); 16-32 is typical for SDXL characters.")
+    type: str = setting("dora", Choice(TYPES), "Adapter type: DoRA (weight-decomposed) or plain LoRA.")
+    rank: int = setting(16, Int(min=1, max=MAX_RANK), "Adapter rank (kohya network_dim); 16-32 is typical for SDXL characters.")
     alpha: float | None = setting(None, Float(min=0, min_open=True), "Scale numerator: the update is multiplied by alpha / rank.",
                                   default_doc="rank")
-    decompose_axis: str = setting("output", Choice(("output", "input")),
+    decompose_axis: str = setting("output", Choice(AXES),
                                   "DoRA magnitude axis: one scale per output row (LyCORIS default) or per input column.")
     detach_norm: bool = setting(True, Bool(), "Treat the DoRA weight norm as a constant in the backward pass (the paper's memory saving).")
-    preset: str = setting("attn-mlp", Choice(("attn", "attn-mlp", "full")),
+    preset: str = setting("attn-mlp", Choice(tuple(PRESETS)),
                           "Which layers get adapters: attention only, attention + feed-forward, or also ResNet convolutions.")
     include: list[str] = setting(list, StrList(), "Extra layers to adapt: glob or re: patterns over kohya module names (lora_unet_...).")
     exclude: list[str] = setting(list, StrList(), "Layers to skip: glob or re: patterns over kohya module names; applied after include.")
-    conv_rank: int | None = setting(None, Int(min=1), "Rank of convolution adapters (preset \"full\").", default_doc="rank")
+    conv_rank: int | None = setting(None, Int(min=1, max=MAX_RANK), "Rank of convolution adapters (preset \"full\").", default_doc="rank")
     conv_alpha: float | None = setting(None, Float(min=0, min_open=True), "Alpha of convolution adapters.",
                                        default_doc="conv_rank * alpha / rank")
     train_unet: bool = setting(True, Bool(), "Train adapters on the UNet.")
@@ -91,7 +100,7 @@ class NetworkConfig:
 class SubsetConfig:
     path: str = setting(None, Path("input_dir"), "Folder of images with caption files.", required=True,
                         example='path = "datasets/my_character"')
-    repeats: int | None = setting(None, Int(min=1), "How many times each image is seen per epoch.",
+    repeats: int | None = setting(None, Int(min=1, max=MAX_REPEATS), "How many times each image is seen per epoch.",
                                   default_doc="N from a kohya \"N_name\" folder, else 1")
     is_reg: bool = setting(False, Bool(), "Regularisation (class) images instead of training images.")
     caption_extension: str | None = setting(None, Str(nonempty=True), "Caption file extension for this subset.",
@@ -112,22 +121,22 @@ class DataConfig:
     resolution: str | list[int] = setting("auto", Resolution(), "Training resolution: bucket area target.",
                                           default_doc="\"auto\": 1024 for SDXL, 768 for SD2, 512 for SD1.5")
     caption_extension: str = setting(".txt", Str(nonempty=True), "Caption file extension, with the dot.")
-    min_bucket_side: int = setting(256, Int(min=64, multiple_of=64), "Smallest bucket side in pixels.")
-    max_bucket_side: int = setting(2048, Int(min=64, multiple_of=64), "Largest bucket side in pixels.")
-    bucket_step: int = setting(64, Int(min=64, multiple_of=64), "Bucket sides are multiples of this many pixels.")
+    min_bucket_side: int = setting(256, Int(min=64, max=MAX_SIDE, multiple_of=64), "Smallest bucket side in pixels.")
+    max_bucket_side: int = setting(2048, Int(min=64, max=MAX_SIDE, multiple_of=64), "Largest bucket side in pixels.")
+    bucket_step: int = setting(64, Int(min=64, max=MAX_SIDE, multiple_of=64), "Bucket sides are multiples of this many pixels.")
     no_upscale: bool = setting(False, Bool(), "Never upscale small images; they get a bucket of their own size instead.")
     cache_latents: bool = setting(True, Bool(), "Encode images with the VAE once and cache the latents.")
     cache_dir: str | None = setting(None, Path("output_dir"), "Folder for cached latents and text-encoder outputs.",
                                     default_doc="{train.output_dir}/cache")
     cache_text_encoder_outputs: bool = setting(False, Bool(), "Cache text-encoder outputs (needs fixed captions and frozen text encoders).")
-    num_workers: int = setting(2, Int(min=0), "Data loader worker processes (0 = load in the main process).")
+    num_workers: int = setting(2, Int(min=0), "Data loader worker processes (0 = load in the main process). Not used yet: batches load in the main process.")
     subsets: list[SubsetConfig] = setting(list, SectionList(SubsetConfig), "Image folders, one [[data.subsets]] table each.",
                                           required=True, example='[[data.subsets]]\npath = "datasets/my_character"')
 
 
 @dataclass
 class OptimizerConfig:
-    type: str = setting("AdamW8bit", Choice(OPTIMIZERS), "Optimizer (8-bit ones come from bitsandbytes).")
+    type: str = setting("AdamW8bit", Choice(OPTIMIZER_TYPES), "Optimizer (8-bit ones come from bitsandbytes).")
     lr: float = setting(1e-4, Float(min=0, min_open=True), "Learning rate (kohya learning_rate); about 1.0 for Prodigy.")
     unet_lr: float | None = setting(None, Float(min=0, min_open=True), "Learning rate of UNet adapters.", default_doc="lr")
     text_encoder_lr: float | None = setting(None, Float(min=0, min_open=True), "Learning rate of text-encoder adapters.",
@@ -142,7 +151,7 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    type: str = setting("constant", Choice(SCHEDULERS), "Learning-rate schedule (diffusers get_scheduler names).")
+    type: str = setting("constant", Choice(SCHEDULER_TYPES), "Learning-rate schedule (diffusers get_scheduler names).")
     warmup_steps: int = setting(0, Int(min=0), "Linear warm-up steps (not with \"constant\").")
     num_cycles: int = setting(1, Int(min=1), "Restarts of \"cosine_with_restarts\".")
     power: float = setting(1.0, Float(min=0, min_open=True), "Power of the \"polynomial\" decay.")
@@ -158,8 +167,8 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, Float(min=0), "Gradient clipping norm (0 = off).")
     mixed_precision: str = setting("bf16", Choice(("no", "fp16", "bf16")), "Autocast precision; bf16 needs an Ampere or newer GPU.")
     gradient_checkpointing: bool = setting(False, Bool(), "Recompute activations in backward to save memory.")
-    seed: int = setting(42, Int(min=0), "Random seed for noise, timesteps, shuffling and augmentation.")
-    loss: str = setting("l2", Choice(("l2", "l1", "huber")), "Loss between prediction and target.")
+    seed: int = setting(42, Int(min=0, max=MAX_SEED), "Random seed for noise, timesteps, shuffling, augmentation and the adapters' initial weights.")
+    loss: str = setting("l2", Choice(LOSS_KINDS), "Loss between prediction and target.")
     huber_c: float = setting(0.1, Float(min=0, min_open=True), "Huber loss threshold.")
     min_snr_gamma: float = setting(0.0, Float(min=0), "Min-SNR loss weighting gamma (5 is common; 0 = off).")
     noise_offset: float = setting(0.0, Float(min=0), "Noise offset for darker/brighter images (0.0357 is common; 0 = off).")
@@ -168,7 +177,6 @@ class TrainConfig:
     output_dir: str = setting("output", Path("output_dir"), "Folder for adapters, states, samples and the resolved config.")
     output_name: str | None = setting(None, Str(nonempty=True), "File name stem of saved adapters.",
                                       default_doc="the config file's name")
-    attention: str = setting("sdpa", Choice(("sdpa", "default")), "Attention implementation: PyTorch SDPA or diffusers' default processor.")
 
 
 @dataclass
@@ -177,10 +185,16 @@ class SaveConfig:
     every_n_epochs: int = setting(0, Int(min=0), "Save the adapter every N epochs (0 = off).")
     keep_last: int = setting(0, Int(min=0), "Keep only the newest N intermediate adapters (0 = keep all).")
     dtype: str = setting("fp16", Choice(("fp16", "bf16", "fp32")), "Precision of saved adapter weights.")
-    state_every_n_steps: int = setting(0, Int(min=0), "Save a resumable training state every N steps (0 = off).")
+    state_every_n_steps: int = setting(0, Int(min=0), "Also save a resumable training state every N steps (0 = only at the end and when stopped).")
     keep_last_states: int = setting(1, Int(min=0), "Keep only the newest N training states (0 = keep all).")
-    verify_targets: list[str] = setting(lambda: list(VERIFY_TARGETS), StrList(VERIFY_TARGETS),
-                                        "Loaders whose key layout the saved file is checked against ([] = skip).")
+    target: str = setting("comfyui", Choice(EXPORT_TARGETS),
+                          "Which UI the DoRA magnitudes are written for: \"comfyui\" / \"forge\" (their loaders as they "
+                          "are), \"lycoris\" (LyCORIS, SD.Next; output axis), \"a1111\" or \"portable\" (ComfyUI, Forge "
+                          "and A1111; input axis). Recorded in the file; see README \"Load in your UI\".")
+    targets: list[str] | None = setting(None, StrList(CONSUMERS),
+                                        "UIs the final file must load exactly in; checked (and the verdict printed) at "
+                                        "the end of the run ([] = skip the check).",
+                                        default_doc="the UIs save.target is written for")
 
 
 @dataclass
@@ -188,15 +202,17 @@ class SampleConfig:
     every_n_steps: int = setting(0, Int(min=0), "Render sample images every N steps (0 = off).")
     prompts: list[str] = setting(list, StrList(), "kohya prompt lines: text with --n negative, --w width, --h height, "
                                  "--d seed, --l CFG scale, --s steps.")
-    sampler: str = setting("euler_a", Choice(SAMPLERS), "Sampler for sample images.")
-    steps: int = setting(20, Int(min=1), "Sampling steps (a prompt's --s wins).")
-    cfg_scale: float = setting(7.0, Float(min=0), "Classifier-free guidance scale (a prompt's --l wins).")
-    seed: int | None = setting(None, Int(min=0), "Seed of sample images (a prompt's --d wins).", default_doc="train.seed")
+    sampler: str = setting("euler_a", Choice(tuple(SAMPLERS)), "Sampler for sample images.")
+    steps: int = setting(20, Int(min=1, max=MAX_SAMPLE_STEPS), "Sampling steps (a prompt's --s wins).")
+    cfg_scale: float = setting(7.0, Float(min=0, max=MAX_CFG_SCALE), "Classifier-free guidance scale (a prompt's --l wins).")
+    seed: int | None = setting(None, Int(min=0, max=MAX_SEED), "Seed of sample images (a prompt's --d wins).", default_doc="train.seed")
 
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = setting(True, Bool(), "Write TensorBoard event files.")
+    tensorboard: bool | str = setting("auto", BoolOrAuto(), "Write TensorBoard event files (loss, learning rate, "
+                                      "grad norm; the resolved config as hyperparameters); \"auto\": when the tensorboard package is installed "
+                                      "(pip install tensorboard), else off with a note.")
     log_dir: str | None = setting(None, Path("output_dir"), "Folder for logs.", default_doc="{train.output_dir}/logs")
     log_every_n_steps: int = setting(10, Int(min=1), "Log loss and learning rate every N steps.")
 

@@ -19,6 +19,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+# Captions longer than this are cut (with a note in the scan): the text encoders read at most 225 tokens
+# (kohya's max_token_length), a few hundred characters; a longer first line is a mistake, and keeping it would
+# tokenise it on every use and copy it into the adapter's metadata.
+MAX_CAPTION_CHARS = 2048
+_READ_LIMIT = 4 * MAX_CAPTION_CHARS + 16  # UTF-8: at most 4 bytes a character, plus a byte-order mark and blank lines
 _UTF8_BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
@@ -64,26 +69,39 @@ class CaptionOptions:
 
 
 def read_caption(path) -> str:
-    """First non-empty line of a UTF-8 caption file, stripped; raises UnreadableCaption."""
+    """First non-empty line of a UTF-8 caption file, stripped, cut to `MAX_CAPTION_CHARS`; raises
+    UnreadableCaption."""
+    return read_caption_checked(path)[0]
+
+
+def read_caption_checked(path) -> tuple[str, bool]:
+    """`read_caption`, and whether the caption was cut. Only the file's first `_READ_LIMIT` bytes are read."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read(_READ_LIMIT + 1)
     except OSError as exc:
         raise UnreadableCaption(path, f"cannot read caption file ({exc.strerror or exc})") from exc
+    more = len(data) > _READ_LIMIT
+    data = data[:_READ_LIMIT]
     if data.startswith(_UTF8_BOM):
         data = data[len(_UTF8_BOM):]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        hint = " (it starts with a UTF-16 byte-order mark)" if data.startswith(_UTF16_BOMS) else ""
-        raise UnreadableCaption(
-            path,
-            f"caption file is not valid UTF-8 at byte {exc.start}{hint}; re-save it as UTF-8",
-        ) from exc
+        if more and exc.start >= len(data) - 3:  # the read limit split the last character
+            text = data[:exc.start].decode("utf-8")
+        else:
+            hint = " (it starts with a UTF-16 byte-order mark)" if data.startswith(_UTF16_BOMS) else ""
+            raise UnreadableCaption(
+                path,
+                f"caption file is not valid UTF-8 at byte {exc.start}{hint}; re-save it as UTF-8",
+            ) from exc
     for line in text.splitlines():
         if line.strip():
-            return line.strip()
-    return ""
+            line = line.strip()
+            return line[:MAX_CAPTION_CHARS], len(line) > MAX_CAPTION_CHARS
+    return "", False
 
 
 def split_tags(text: str, separator: str) -> list[str]:

@@ -6,6 +6,10 @@ in a subset folder not named that way get 1 repeat and no default caption. `Subs
 `CaptionOptions.class_caption`, when set, override the folder's number and name. Folders with 0 repeats,
 other sub-folders and hidden files (".name") are not searched.
 
+The scan reports what it did not do silently: every folder holding images it did not search, and why
+(`IgnoredFolder`); images smaller than the smallest bucket side, which are upscaled a lot (`SmallImage`); and an
+explicit `repeats` that overrides an `N_name` folder's N (`ScannedDataset.notes`). `summary()` shows all of it.
+
 Scanning decodes every image once (so a file that would fail mid-training is found up front) and hashes its
 bytes. Unreadable images and unusable caption files are skipped and listed (`SkippedFile`), never fatal;
 no trainable image at all raises `DataError` before any model is loaded.
@@ -31,6 +35,7 @@ import hashlib
 import os
 import random
 import re
+import stat
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,7 +47,8 @@ import torch
 from sdtrain.data.buckets import Bucketing, Size, apply_crop, plan_crop, sdxl_time_ids
 from sdtrain.data.cache import LatentItem
 from sdtrain.data.captions import (
-    CaptionOptions, UnreadableCaption, augment_caption, cacheable_captions, needs_live_encoding, read_caption,
+    MAX_CAPTION_CHARS, CaptionOptions, UnreadableCaption, augment_caption, cacheable_captions, needs_live_encoding,
+    read_caption_checked,
 )
 from sdtrain.data.images import (
     IMAGE_EXTENSIONS, UnreadableImage, content_hash, decode_image, is_image_file, read_image_bytes,
@@ -50,6 +56,7 @@ from sdtrain.data.images import (
 from sdtrain.errors import ConfigError, DataError
 
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+_LISTED = 20  # files listed by name in a report; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,25 @@ class SkippedFile:
 
 
 @dataclass(frozen=True)
+class IgnoredFolder:
+    """A folder with images that the scan does not search; `images` counts them (sub-folders included)."""
+
+    path: Path
+    reason: str
+    images: int
+
+
+@dataclass(frozen=True)
+class SmallImage:
+    """An image whose shorter side is below the smallest bucket side: trained upscaled `scale` times."""
+
+    path: Path
+    size: Size
+    bucket: Size
+    scale: float
+
+
+@dataclass(frozen=True)
 class ImageRecord:
     """One usable image. original_size is (w, h) after EXIF orientation; caption_source: file|folder|none."""
 
@@ -94,6 +120,7 @@ class ImageRecord:
     content_hash: str
     subset_index: int = 0
     caption_source: str = "file"
+    caption_cut: bool = False  # the caption file's first line was longer than MAX_CAPTION_CHARS
 
 
 @dataclass(frozen=True)
@@ -122,17 +149,90 @@ def subset_folders(spec: SubsetSpec) -> list[ImageFolder]:
     folders = [folder(root, 1, None)]
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         match = REPEAT_FOLDER.match(sub.name)
-        if match and int(match.group(1)) > 0:
+        if match and int(match.group(1)) > 0 and not _searched_elsewhere(sub, [f.path for f in folders]):
             folders.append(folder(sub, int(match.group(1)), match.group(2)))
     return folders
+
+
+def _searched_elsewhere(folder: Path, searched: list[Path]) -> Path | None:
+    """The searched folder that `folder` is (through links), if any: its images must not count twice."""
+    real = folder.resolve()
+    return next((other for other in searched if other != folder and other.resolve() == real), None)
+
+
+def _count_images(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+
+
+def ignored_folders(spec: SubsetSpec) -> list[IgnoredFolder]:
+    """Folders inside (or at) a subset's path that hold images the scan does not read, with the reason."""
+    root = Path(spec.path)
+    searched = [f.path for f in subset_folders(spec)]
+    if not searched:  # the subset folder itself is "0_name"
+        count = _count_images(root)
+        return [IgnoredFolder(root, f'repeat count 0 in its name "{root.name}": not trained on', count)] if count else []
+    root_is_repeat = bool(REPEAT_FOLDER.match(root.name))
+    ignored = []
+    for parent in searched:
+        for sub in sorted(p for p in parent.iterdir() if p.is_dir() and p not in searched):
+            count = _count_images(sub)
+            if not count:
+                continue
+            match = REPEAT_FOLDER.match(sub.name)
+            same = _searched_elsewhere(sub, searched)
+            if same is not None:
+                reason = f"a link to {same}, which is already searched: its images would count twice"
+            elif sub.name.startswith("."):
+                reason = "hidden folder: not searched"
+            elif parent != root or root_is_repeat:
+                reason = (f'nested inside the repeat folder "{parent.name}": only the images directly in a repeat '
+                          "folder are trained on; move them up or into a repeat folder of their own")
+            elif match:  # "0_name"
+                reason = f'repeat count 0 in its name "{sub.name}": not trained on'
+            else:
+                reason = (f'not a kohya "N_name" repeat folder: only images directly in the subset folder and in '
+                          f'"N_name" folders inside it are trained on; rename it (e.g. "1_{sub.name}") or move the '
+                          "images up")
+            ignored.append(IgnoredFolder(sub, reason, count))
+    return ignored
+
+
+def repeat_overrides(spec: SubsetSpec) -> list[str]:
+    """One line per `N_name` folder whose N an explicit `repeats` replaces."""
+    if spec.repeats is None:
+        return []
+    root = Path(spec.path)
+    candidates = [root] if REPEAT_FOLDER.match(root.name) else [p for p in root.iterdir() if p.is_dir()]
+    lines = []
+    for folder in sorted(candidates):
+        match = REPEAT_FOLDER.match(folder.name)
+        if match and int(match.group(1)) > 0 and int(match.group(1)) != spec.repeats:
+            lines.append(f'repeats = {spec.repeats} overrides the {int(match.group(1))} repeats of folder '
+                         f'"{folder.name}" ({folder})')
+    return lines
+
+
+def small_images(records: list[ImageRecord], bucketing: Bucketing) -> list[SmallImage]:
+    """Images whose shorter side is below the smallest bucket side (they are upscaled to fill their bucket)."""
+    smallest = min(min(b) for b in bucketing.buckets)
+    found = []
+    for r in records:
+        width, height = r.original_size
+        if min(width, height) < smallest:
+            scale = max(r.bucket[0] / width, r.bucket[1] / height)
+            found.append(SmallImage(r.path, r.original_size, r.bucket, scale))
+    return found
 
 
 def _scan_image(path: Path, folder: ImageFolder, spec: SubsetSpec, bucketing: Bucketing,
                 subset_index: int) -> ImageRecord | SkippedFile:
     caption_path = path.with_suffix(spec.caption_suffix)
+    caption_cut = False
+    if caption_path.exists() and not caption_path.is_file():
+        return SkippedFile(caption_path, f"not a regular file (its image {path.name} was skipped)")
     if caption_path.is_file():
         try:
-            caption, source = read_caption(caption_path), "file"
+            (caption, caption_cut), source = read_caption_checked(caption_path), "file"
         except UnreadableCaption as exc:
             return SkippedFile(caption_path, f"{exc.reason} (its image {path.name} was skipped)")
     elif folder.class_caption is not None:
@@ -147,7 +247,7 @@ def _scan_image(path: Path, folder: ImageFolder, spec: SubsetSpec, bucketing: Bu
     return ImageRecord(
         path=path, caption=caption, repeats=folder.repeats, is_reg=spec.is_reg, original_size=image.size,
         bucket=bucketing.assign(*image.size), content_hash=content_hash(data), subset_index=subset_index,
-        caption_source=source,
+        caption_source=source, caption_cut=caption_cut,
     )
 
 
@@ -155,16 +255,44 @@ def scan_subset(spec: SubsetSpec, bucketing: Bucketing | None = None, subset_ind
                 workers: int | None = None) -> tuple[list[ImageRecord], list[SkippedFile]]:
     """Records of a subset's usable images (sorted by folder, then file name) and its skipped files."""
     bucketing = bucketing or Bucketing()
-    jobs = []
+    jobs, skipped, seen = [], [], {}
     for folder in subset_folders(spec):
-        for path in sorted(p for p in folder.path.iterdir() if is_image_file(p) and p.is_file()):
+        for path in sorted(p for p in folder.path.iterdir() if is_image_file(p)):
+            problem = _not_a_regular_file(path)
+            if problem:
+                skipped.append(SkippedFile(path, problem))
+                continue
+            real = path.resolve()
+            if real in seen:
+                skipped.append(SkippedFile(path, f"the same file as {seen[real]} (through a link): used once"))
+                continue
+            seen[real] = path
             jobs.append((path, folder))
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda job: _scan_image(job[0], job[1], spec, bucketing, subset_index), jobs))
     records = [r for r in results if isinstance(r, ImageRecord)]
-    skipped = [r for r in results if isinstance(r, SkippedFile)]
+    skipped.extend(r for r in results if isinstance(r, SkippedFile))
     return records, skipped
+
+
+def _not_a_regular_file(path: Path) -> str:
+    """Why an entry named like an image cannot be read as one (a pipe would block the scan), or ""."""
+    try:
+        mode = path.stat().st_mode  # follows links
+    except OSError as exc:
+        if path.is_symlink():
+            return f"a link that leads nowhere ({exc.strerror}: broken, or a loop of links)"
+        return f"cannot read it ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "a folder named like an image"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO), not an image file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not an image file"
+    return "not a regular file"
 
 
 @dataclass
@@ -175,6 +303,9 @@ class ScannedDataset:
     bucketing: Bucketing
     records: list[ImageRecord]
     skipped: list[SkippedFile]
+    ignored: list[IgnoredFolder] = field(default_factory=list)
+    small: list[SmallImage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def bucket_counts(self, samples: bool = False) -> dict[Size, int]:
         """Images per bucket (or, with samples=True, training samples per epoch: images x repeats)."""
@@ -214,6 +345,28 @@ class ScannedDataset:
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} files:")
             lines.extend(f"  {s.path}: {s.reason}" for s in self.skipped)
+        for folder in self.ignored:
+            lines.append(f"warning: ignored folder {folder.path} ({folder.images} image"
+                         f"{'s' if folder.images != 1 else ''}): {folder.reason}")
+        if self.small:
+            smallest = min(min(b) for b in self.bucketing.buckets)
+            lines.append(f"warning: {len(self.small)} image{'s are' if len(self.small) != 1 else ' is'} smaller than "
+                         f"the smallest bucket side ({smallest} px) and upscaled a lot; use larger images or remove "
+                         "them:")
+            shown = self.small[:_LISTED]
+            lines.extend(f"  {i.path}: {i.size[0]}x{i.size[1]} -> bucket {i.bucket[0]}x{i.bucket[1]} "
+                         f"({i.scale:.3g}x)" for i in shown)
+            if len(self.small) > len(shown):
+                lines.append(f"  ... and {len(self.small) - len(shown)} more")
+        cut = [r for r in self.records if r.caption_cut]
+        if cut:
+            lines.append(f"warning: {len(cut)} caption{'s are' if len(cut) != 1 else ' is'} longer than "
+                         f"{MAX_CAPTION_CHARS} characters and cut there (the text encoders read a few hundred at "
+                         "most):")
+            lines.extend(f"  {r.path.with_suffix(self.specs[r.subset_index].caption_suffix)}" for r in cut[:_LISTED])
+            if len(cut) > _LISTED:
+                lines.append(f"  ... and {len(cut) - _LISTED} more")
+        lines.extend(f"note: {text}" for text in self.notes)
         return "\n".join(lines)
 
 
@@ -223,17 +376,19 @@ def scan_dataset(specs: list[SubsetSpec], bucketing: Bucketing | None = None,
     bucketing = bucketing or Bucketing()
     if not specs:
         raise DataError("no dataset subsets are configured; add at least one subset folder with images")
-    records, skipped = [], []
+    records, skipped, ignored, notes = [], [], [], []
     for index, spec in enumerate(specs):
         found, bad = scan_subset(spec, bucketing, index, workers)
         records.extend(found)
         skipped.extend(bad)
+        ignored.extend(ignored_folders(spec))
+        notes.extend(f"subset {index}: {line}" for line in repeat_overrides(spec))
     if not any(not r.is_reg for r in records):
-        raise DataError(_empty_dataset_message(specs, records, skipped))
-    return ScannedDataset(list(specs), bucketing, records, skipped)
+        raise DataError(_empty_dataset_message(specs, records, skipped, ignored))
+    return ScannedDataset(list(specs), bucketing, records, skipped, ignored, small_images(records, bucketing), notes)
 
 
-def _empty_dataset_message(specs, records, skipped) -> str:
+def _empty_dataset_message(specs, records, skipped, ignored=()) -> str:
     searched = []
     for spec in specs:
         if not spec.is_reg:
@@ -246,9 +401,10 @@ def _empty_dataset_message(specs, records, skipped) -> str:
         lines.append(f"found {len(records)} regularisation images but no training images")
     if skipped:
         lines.append(f"skipped {len(skipped)} files:")
-        lines.extend(f"  {s.path}: {s.reason}" for s in skipped[:20])
-        if len(skipped) > 20:
-            lines.append(f"  ... and {len(skipped) - 20} more")
+        lines.extend(f"  {s.path}: {s.reason}" for s in skipped[:_LISTED])
+        if len(skipped) > _LISTED:
+            lines.append(f"  ... and {len(skipped) - _LISTED} more")
+    lines.extend(f"ignored folder {f.path} ({f.images} images): {f.reason}" for f in ignored)
     lines.append("fix: put images directly in a subset folder or in kohya repeat folders inside it "
                  "(e.g. 10_alice/), and fix or remove the skipped files")
     return "\n".join(lines)

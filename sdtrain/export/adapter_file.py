@@ -5,27 +5,34 @@ Per adapted module `<name>` (kohya name, e.g. `lora_unet_..._to_q`, `lora_te1_..
 - `<name>.lora_up.weight`: [out, r] or [out, r, 1, 1], in the save dtype, with the training
   alpha/rank folded in (so `alpha` = rank and every loader, A1111 1.9 included, gets scale 1);
 - `<name>.alpha`: 0-d fp32, equal to the rank;
-- `<name>.dora_scale` (DoRA only): fp32 magnitude, always at least 2-D: output axis [out, 1] /
-  [out, 1, 1, 1], input axis [1, in] / [1, in, 1, 1].
+- `<name>.dora_scale` (DoRA only): fp32, always at least 2-D: output axis [out, 1] / [out, 1, 1, 1], input axis
+  [1, in] / [1, in, 1, 1]. It holds the magnitude m, or for `save.target = "comfyui"` / `"forge"` the output-axis
+  m·(‖W0‖ + ε)/‖W0 + ΔW‖ that those loaders need (`export/targets.py`; the rule is in the metadata and reading
+  decodes it with the base weight).
 
 Reading also accepts files written by kohya, LyCORIS and OneTrainer: a missing `alpha` (alpha = rank),
-1-D `dora_scale`, fp16/bf16 tensors, `lora_te_` / `lora_te1_` / `lora_te2_` names, either axis.
+1-D `dora_scale`, fp16/bf16 tensors, `lora_te_` / `lora_te1_` / `lora_te2_` names, either axis. It refuses
+malformed files and files holding NaN/inf, and saving refuses NaN/inf weights (`export/file_checks.py`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from sdtrain.files import atomic_write_bytes
 from sdtrain.errors import ModelLoadError
+from sdtrain.export import file_checks as checks
 from sdtrain.export import metadata as md
+from sdtrain.export import targets
+from sdtrain.export.file_checks import MalformedAdapter, NonFiniteAdapter, SaveDtypeOverflow  # noqa: F401 (re-exported)
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale"}
+_ROLE_SUFFIX = {role: suffix for suffix, role in _SUFFIXES.items()}
 _GROUP_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"))
 
 
@@ -86,6 +93,7 @@ class ModuleTensors:
     axis: str | None = None  # "output" | "input" for DoRA, None for plain LoRA
     axis_guessed: bool = False
     alpha_in_file: bool = True
+    rule: str = targets.MAGNITUDE  # how dora_scale encodes the magnitude (the file's `sdtrain_dora_scale`)
 
     @property
     def rank(self) -> int:
@@ -108,9 +116,19 @@ class ModuleTensors:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def magnitude(self) -> torch.Tensor | None:
-        """The magnitude as sdtrain holds it: 1-D fp32, [out] or [in]."""
-        return None if self.dora_scale is None else self.dora_scale.detach().to(torch.float32).flatten().clone()
+    def magnitude(self, base_weight: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The magnitude as sdtrain holds it: 1-D fp32, [out] or [in].
+
+        A dora_scale written for ComfyUI's ‖W0‖ rule is decoded with `base_weight` (W0), which it then needs.
+        """
+        if self.dora_scale is None:
+            return None
+        if self.rule == targets.MAGNITUDE or self.axis == "input":
+            return self.dora_scale.detach().to(torch.float32).flatten().clone()
+        if base_weight is None:
+            raise ValueError(f"{self.name}: its dora_scale follows the {self.rule} rule; decoding needs the base weight")
+        return targets.decode_magnitude(self.rule, self.dora_scale, base_weight.to(torch.float32),
+                                        self.delta_weight().to(base_weight.device), self.axis)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/rank)·up·down in fp32, shaped like the base weight."""
@@ -128,6 +146,7 @@ class AdapterFile:
     source: str = "unknown"  # "sdtrain" | "kohya" | "lycoris" | "onetrainer" | "unknown"
     other_keys: list[str] = field(default_factory=list)  # keys outside the layout (ignored)
     dtypes: dict[str, str] = field(default_factory=dict)  # role ("down", "up", ...) -> dtype names seen
+    non_finite: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> (NaN, inf) counts (inspect only)
 
     @property
     def arch(self) -> str | None:
@@ -148,10 +167,25 @@ class AdapterFile:
         return None
 
     @property
+    def tensor_count(self) -> int:
+        """Layout tensors in the file (lora_down, lora_up, alpha and dora_scale of every module)."""
+        return sum(2 + m.alpha_in_file + (m.dora_scale is not None) for m in self.modules.values())
+
+    @property
     def axis(self) -> str | None:
         """The DoRA axis shared by all modules, "mixed", or None (plain LoRA)."""
         axes = {m.axis for m in self.modules.values() if m.axis}
         return None if not axes else axes.pop() if len(axes) == 1 else "mixed"
+
+    @property
+    def target(self) -> str | None:
+        """The export target recorded by sdtrain (None for other files)."""
+        return self.metadata.get(md.TARGET_KEY) or None
+
+    @property
+    def rule(self) -> str:
+        """How dora_scale encodes the magnitude: "magnitude" (the default) or "comfyui-w0-norm"."""
+        return md.dora_scale_rule(self.metadata)
 
     @property
     def training_alpha(self) -> float | None:
@@ -169,29 +203,39 @@ class AdapterFile:
 # ---------------------------------------------------------------- writing
 
 
-def module_tensors(name: str, module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The file entries of one sdtrain adapter module (alpha/rank folded into lora_up, alpha = rank)."""
+def module_tensors(name: str, module, dtype: torch.dtype, rule: str = targets.MAGNITUDE) -> dict[str, torch.Tensor]:
+    """The file entries of one sdtrain adapter module (alpha/rank folded into lora_up, alpha = rank).
+
+    `rule` ("magnitude" | "comfyui-w0-norm") is how dora_scale encodes the magnitude; the encoding uses the
+    update of the rounded tensors as written, which is what a loader rebuilds.
+    """
     down = module.lora_down.weight.detach().to(torch.float32)
     up = module.lora_up.weight.detach().to(torch.float32)
     rank = int(down.shape[0])
+    down_saved = down.to(dtype).contiguous()
+    up_saved = (up * float(module.scale)).to(dtype).contiguous()
     entries = {
-        f"{name}.lora_down.weight": down.to(dtype).contiguous(),
-        f"{name}.lora_up.weight": (up * float(module.scale)).to(dtype).contiguous(),
+        f"{name}.lora_down.weight": down_saved,
+        f"{name}.lora_up.weight": up_saved,
         f"{name}.alpha": torch.tensor(float(rank), dtype=torch.float32),
     }
     if module.magnitude is not None:
-        weight_shape = tuple(module.base.weight.shape)
-        magnitude = module.magnitude.detach().to(torch.float32).reshape(magnitude_shape(module.axis, weight_shape))
-        entries[f"{name}.dora_scale"] = magnitude.clone().contiguous()
+        w0 = module.original_weight().detach()
+        weight_shape = tuple(w0.shape)
+        magnitude = module.magnitude.detach().to(torch.float32)
+        if rule != targets.MAGNITUDE:
+            delta = (up_saved.to(torch.float32).flatten(1) @ down_saved.to(torch.float32).flatten(1)).reshape(weight_shape)
+            magnitude = targets.encode_magnitude(rule, magnitude, w0, delta, module.axis)
+        entries[f"{name}.dora_scale"] = magnitude.reshape(magnitude_shape(module.axis, weight_shape)).clone().contiguous()
     return entries
 
 
-def adapter_tensors(adapters, dtype="fp16") -> dict[str, torch.Tensor]:
+def adapter_tensors(adapters, dtype="fp16", rule: str = targets.MAGNITUDE) -> dict[str, torch.Tensor]:
     """Every file entry of an AdapterSet, in model order."""
     torch_dtype = _save_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
     for name, module in adapters.modules.items():
-        tensors.update(module_tensors(name, module, torch_dtype))
+        tensors.update(module_tensors(name, module, torch_dtype, rule))
     return {k: v.cpu() for k, v in tensors.items()}
 
 
@@ -226,17 +270,36 @@ def serialize_with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, 
 
 
 def write_adapter_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
-    """Write plain tensors + metadata (with sshs hashes) atomically as a safetensors file."""
+    """Write plain tensors + metadata (with sshs hashes) atomically as a safetensors file.
+
+    Tensors holding NaN/inf are refused and nothing is written (`NonFiniteAdapter`; `SaveDtypeOverflow` when only
+    fp16/bf16 tensors hold inf: finite values that overflowed save.dtype).
+    """
+    checks.check_finite_to_save(tensors, path)
     return atomic_write_bytes(path, serialize_with_hashes(tensors, metadata))
 
 
-def save_adapter(adapters, path, *, dtype="fp16", metadata: dict[str, str] | None = None) -> Path:
+def save_adapter(adapters, path, *, dtype="fp16", metadata: dict[str, str] | None = None,
+                 target: str | None = None) -> Path:
     """Save an AdapterSet as a kohya/LyCORIS-layout safetensors file; returns the path.
 
     `dtype` ("fp16" | "bf16" | "fp32") applies to lora_down/lora_up; alpha and dora_scale are fp32.
-    `metadata` (see `metadata.build_metadata`) is written with the sshs hashes added.
+    `metadata` (see `metadata.build_metadata`) is written with the sshs hashes added. `target` (a
+    `save.target` value) picks how dora_scale encodes the magnitude and is recorded in the metadata;
+    None writes the magnitude itself and records nothing.
+
+    Never writes NaN/inf: adapter weights holding them raise `NonFiniteAdapter` naming the modules, weights that
+    overflow `dtype` raise `SaveDtypeOverflow` (a `NonFiniteAdapter`); the previous file at `path` is kept.
     """
-    return write_adapter_tensors(adapter_tensors(adapters, dtype), path, metadata)
+    checks.check_finite_modules(adapters, path)
+    rule = targets.MAGNITUDE
+    if target is not None:
+        spec = targets.get_target(target)
+        for module in adapters.modules.values():
+            targets.check_axis(spec, module.axis if module.magnitude is not None else None, "save.target")
+        rule = spec.rule
+        metadata = {**(metadata or {}), **targets.metadata_for(spec)}
+    return write_adapter_tensors(adapter_tensors(adapters, dtype, rule), path, metadata)
 
 
 # ---------------------------------------------------------------- reading
@@ -244,7 +307,7 @@ def save_adapter(adapters, path, *, dtype="fp16", metadata: dict[str, str] | Non
 
 def _split_key(key: str) -> tuple[str, str] | None:
     for suffix, role in _SUFFIXES.items():
-        if key.endswith("." + suffix):
+        if key == suffix or key.endswith("." + suffix):  # a bare suffix splits into no module name ("")
             return key[: -len(suffix) - 1], role
     return None
 
@@ -269,9 +332,46 @@ def _axis_hint(metadata: dict[str, str]) -> str | None:
     return {"true": "output", "false": "input"}.get(value)
 
 
+def _check_layout(parts: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str], problems) -> None:
+    """Add every layout problem of the grouped tensors and the parsed metadata to `problems`."""
+    hint = _axis_hint(metadata)
+    for name, found in parts.items():
+        for role, tensor in found.items():
+            checks.check_tensor(problems, f"{name}.{_ROLE_SUFFIX[role]}", role, tensor)
+        if not name:
+            for role in found:
+                problems.add("key with no module name before the suffix", f".{_ROLE_SUFFIX[role]}")
+            continue
+        if "down" not in found or "up" not in found:
+            missing = "lora_down.weight" if "down" not in found else "lora_up.weight"
+            problems.add(f"module has no {missing} (the file is incomplete or not a LoRA/DoRA file)",
+                         f"{name}.{missing}")
+            continue
+        down, up = found["down"], found["up"]
+        if down.numel() == 0 or up.numel() == 0:
+            continue
+        if up.dim() < 2 or down.dim() < 2 or up.shape[1] != down.shape[0] or any(d != 1 for d in up.shape[2:]):
+            problems.add("lora_up and lora_down ranks differ", f"{name}: lora_up {list(up.shape)}, "
+                                                               f"lora_down {list(down.shape)}")
+            continue
+        dora_scale = found.get("dora_scale")
+        if dora_scale is not None and dora_scale.numel():
+            try:
+                detect_axis(dora_scale, int(up.shape[0]), int(down.shape[1]), hint)
+            except ValueError as err:
+                problems.add("dora_scale fits neither axis of its lora_up/lora_down", f"{name}.dora_scale: {err}")
+    checks.check_metadata(problems, metadata, targets.RULES)
+
+
 def adapter_file_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                              path=None) -> AdapterFile:
-    """Group raw tensors by module, check shapes, detect axes; raises ModelLoadError for a broken layout."""
+                              path=None, *, allow_non_finite: bool = False) -> AdapterFile:
+    """Group raw tensors by module, check them, detect axes.
+
+    Raises `MalformedAdapter` (a `ModelLoadError`) listing every layout or metadata problem (ranks that disagree,
+    a dora_scale that fits neither axis, an alpha of several numbers, non-float or empty tensors, keys with no
+    module, unparsable metadata), and `NonFiniteAdapter` when the layout tensors hold NaN/inf, unless
+    `allow_non_finite` (then their counts are in `AdapterFile.non_finite`).
+    """
     metadata = dict(metadata or {})
     where = str(path) if path else "adapter"
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -282,49 +382,51 @@ def adapter_file_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[s
             other.append(key)
         else:
             parts.setdefault(split[0], {})[split[1]] = tensor
+    if not parts:
+        raise MalformedAdapter(
+            f"{where}: no '<name>.lora_down.weight' / '<name>.lora_up.weight' keys; this is not a kohya/LyCORIS "
+            f"LoRA or DoRA file (keys look like {sorted(tensors)[:3]})"
+        )
+    problems = checks.Problems(where)
+    _check_layout(parts, metadata, problems)
+    problems.raise_if_any()
+    layout = {f"{name}.{_ROLE_SUFFIX[role]}": tensor for name, found in parts.items() for role, tensor in found.items()}
+    non_finite = checks.non_finite_counts(layout)
+    if non_finite and not allow_non_finite:
+        raise NonFiniteAdapter(checks.non_finite_file_message(where, non_finite, len(layout)), non_finite, path)
+
     hint = _axis_hint(metadata)
+    rule = md.dora_scale_rule(metadata)
     modules: dict[str, ModuleTensors] = {}
     dtypes: dict[str, set] = {}
     for name, found in parts.items():
-        if "down" not in found or "up" not in found:
-            missing = "lora_down.weight" if "down" not in found else "lora_up.weight"
-            raise ModelLoadError(f"{where}: module {name} has no {name}.{missing}; the file is incomplete or not a LoRA/DoRA file")
         down, up = found["down"], found["up"]
-        if up.dim() < 2 or down.dim() < 2 or up.shape[1] != down.shape[0]:
-            raise ModelLoadError(
-                f"{where}: {name} has lora_up {list(up.shape)} and lora_down {list(down.shape)} whose ranks differ; "
-                f"the file is damaged"
-            )
         if "alpha" in found:
             alpha, alpha_in_file = float(found["alpha"].to(torch.float32).item()), True
         else:
             alpha, alpha_in_file = float(down.shape[0]), False
         if alpha == 0.0:
             alpha = float(down.shape[0])  # kohya/LyCORIS: alpha 0 means alpha = rank
-        module = ModuleTensors(name, down, up, alpha, alpha_in_file=alpha_in_file)
+        module = ModuleTensors(name, down, up, alpha, alpha_in_file=alpha_in_file, rule=rule)
         if "dora_scale" in found:
             module.dora_scale = found["dora_scale"]
-            out_features, in_features = module.weight_shape[0], module.weight_shape[1]
-            try:
-                module.axis, module.axis_guessed = detect_axis(module.dora_scale, out_features, in_features, hint)
-            except ValueError as err:
-                raise ModelLoadError(f"{where}: {name}.dora_scale: {err}; the file does not match its own lora_up/lora_down") from None
+            module.axis, module.axis_guessed = detect_axis(module.dora_scale, module.weight_shape[0],
+                                                           module.weight_shape[1], hint)
         modules[name] = module
         for role, tensor in found.items():
             dtypes.setdefault(role, set()).add(str(tensor.dtype).replace("torch.", ""))
-    if not modules:
-        raise ModelLoadError(
-            f"{where}: no '<name>.lora_down.weight' / '<name>.lora_up.weight' keys; this is not a kohya/LyCORIS "
-            f"LoRA or DoRA file (keys look like {sorted(tensors)[:3]})"
-        )
     adapter = AdapterFile(Path(path) if path else None, modules, metadata, other_keys=sorted(other),
-                          dtypes={role: ", ".join(sorted(v)) for role, v in dtypes.items()})
+                          dtypes={role: ", ".join(sorted(v)) for role, v in dtypes.items()}, non_finite=non_finite)
     adapter.source = _guess_source(metadata, modules)
     return adapter
 
 
-def load_adapter(path) -> AdapterFile:
-    """Read an adapter file (sdtrain, kohya, LyCORIS or OneTrainer); raises ModelLoadError with the reason."""
+def load_adapter(path, *, allow_non_finite: bool = False) -> AdapterFile:
+    """Read and check an adapter file (sdtrain, kohya, LyCORIS or OneTrainer).
+
+    Raises ModelLoadError with the reason for a missing or unreadable file, `MalformedAdapter` for a broken
+    layout and `NonFiniteAdapter` for NaN/inf values unless `allow_non_finite` (see `adapter_file_from_tensors`).
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -336,7 +438,7 @@ def load_adapter(path) -> AdapterFile:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as err:  # safetensors raises several error types for damaged files
         raise ModelLoadError(f"{path}: not a readable safetensors file ({err}); re-save or re-download it") from None
-    return adapter_file_from_tensors(tensors, metadata, path)
+    return adapter_file_from_tensors(tensors, metadata, path, allow_non_finite=allow_non_finite)
 
 
 # ---------------------------------------------------------------- restoring into sdtrain modules
@@ -370,7 +472,8 @@ def restore_module(module, tensors: ModuleTensors, name: str = "") -> None:
     up = tensors.up.to(torch.float32) * (tensors.alpha / tensors.rank) / float(module.scale)
     up_param.copy_(up)
     if has_magnitude:
-        module.magnitude.copy_(tensors.magnitude().reshape(module.magnitude.shape))
+        magnitude = tensors.magnitude(module.original_weight().detach())
+        module.magnitude.copy_(magnitude.to(module.magnitude.device).reshape(module.magnitude.shape))
 
 
 @dataclass
@@ -384,7 +487,12 @@ def apply_adapter_file(adapter_file: AdapterFile, adapters, *, strict: bool = Tr
     """Load a file's tensors into an AdapterSet's modules exactly (for sampling and continued training).
 
     With `strict`, every file module must exist in the network and vice versa (ModelLoadError otherwise).
+    A file read with NaN/inf values (`load_adapter(..., allow_non_finite=True)`) raises `NonFiniteAdapter`.
     """
+    if adapter_file.non_finite:
+        where = adapter_file.path or "adapter"
+        raise NonFiniteAdapter(checks.non_finite_file_message(where, adapter_file.non_finite, adapter_file.tensor_count),
+                               adapter_file.non_finite, adapter_file.path)
     file_names, net_names = set(adapter_file.modules), set(adapters.modules)
     unknown = sorted(file_names - net_names)
     missing = sorted(net_names - file_names)
@@ -462,13 +570,11 @@ def _with_canonical_names(adapter_file: AdapterFile, arch: str) -> AdapterFile:
     for name, module in adapter_file.modules.items():
         new = canonical_name(arch, name)
         if new != name:
-            module = ModuleTensors(new, module.down, module.up, module.alpha, module.dora_scale, module.axis,
-                                   module.axis_guessed, module.alpha_in_file)
+            module = replace(module, name=new)
         renamed[new] = module
     if renamed.keys() == adapter_file.modules.keys():
         return adapter_file
-    return AdapterFile(adapter_file.path, renamed, adapter_file.metadata, adapter_file.source,
-                       adapter_file.other_keys, adapter_file.dtypes)
+    return replace(adapter_file, modules=renamed)
 
 
 def _rewrap(adapters, name: str, tensors: ModuleTensors, spec, detach_norm: bool) -> None:

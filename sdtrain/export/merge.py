@@ -3,10 +3,13 @@
 The merged weights are sdtrain's own (`DoRAModule.merged_weight`), so the saved model reproduces the
 adapter exactly as sdtrain applies it, in any program that loads plain checkpoints (diffusers included).
 Output: a diffusers folder, or a single-file LDM/SGM `.safetensors` checkpoint when the path ends so.
+NaN/inf weights are never written: merged weights that hold them, or overflow the saved dtype, are refused before
+anything is written (`NonFiniteAdapter` / `SaveDtypeOverflow`), and an existing output is kept.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sdtrain.errors import ConfigError, ModelLoadError
+from sdtrain.export.file_checks import NonFiniteAdapter, SaveDtypeOverflow, describe_counts, non_finite_counts, totals
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -26,13 +30,40 @@ class MergeReport:
     strength: float
 
 
+def check_strength(strength: float, key: str = "--strength") -> float:
+    """A finite strength, else ConfigError naming `key`."""
+    if not math.isfinite(strength):
+        raise ConfigError(f"{key} {strength!r} is not a finite number; give the adapter strength k, e.g. {key} 0.8")
+    return strength
+
+
+def check_finite_weights(named: dict[str, torch.Tensor], where, dtype: str | None, fix: str) -> None:
+    """Refuse weights about to be written that hold NaN/inf (`NonFiniteAdapter`) or overflow `dtype` once cast to
+    it (`SaveDtypeOverflow`), naming them (counted, the first few listed) and the fix."""
+    cast = non_finite_counts(named, DTYPES[dtype] if dtype else None)  # NaN/inf stay so through the cast
+    if not cast:
+        return
+    counts = non_finite_counts({key: named[key] for key in cast})
+    if counts:
+        raise NonFiniteAdapter(f"{where}: nothing written: {len(counts)} merged weight(s) hold NaN/inf "
+                               f"({totals(counts)}): {describe_counts(counts)}; {fix}", counts, where)
+    raise SaveDtypeOverflow(
+        f"{where}: nothing written: {len(cast)} merged weight(s) overflow --dtype {dtype} (|w| above "
+        f"{torch.finfo(DTYPES[dtype]).max:.6g} becomes inf): {describe_counts(cast)}; use --dtype bf16 or fp32, "
+        f"or {fix}", cast, where)
+
+
 @torch.no_grad()
-def merge_into_base(adapter_file, base, *, strength: float = 1.0) -> MergeReport:
+def merge_into_base(adapter_file, base, *, strength: float = 1.0, dtype: str | None = None) -> MergeReport:
     """Overwrite the base model's adapted weights (in place) with sdtrain's merged weights.
 
-    Every file module must have its layer in the base (ModelLoadError otherwise, naming them).
+    Every file module must have its layer in the base (ModelLoadError otherwise, naming them). Merged weights
+    holding NaN/inf in fp32, or in `dtype` (the dtype the model will be saved in), are refused before the base
+    is changed (`check_finite_weights`).
     """
     from sdtrain.export.verify import layers_by_name, file_modules_on_layers
+
+    check_strength(strength)
 
     layers = layers_by_name(adapter_file, base.arch, base.unet, list(base.text_encoders))
     missing = [name for name in adapter_file.modules if name not in layers]
@@ -43,6 +74,8 @@ def merge_into_base(adapter_file, base, *, strength: float = 1.0) -> MergeReport
         )
     modules = file_modules_on_layers(adapter_file, layers)
     merged = {name: module.merged_weight(strength) for name, module in modules.items()}
+    where = str(adapter_file.path or "adapter")
+    check_finite_weights(merged, where, dtype, "lower --strength, or use an earlier save of the run")
     for name, weight in merged.items():
         layer = layers[name]
         layer.weight.copy_(weight.to(layer.weight.dtype))
@@ -87,7 +120,11 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def save_merged(base, out, *, dtype: str = "fp16", overwrite: bool = False, title: str | None = None) -> Path:
-    """Write the (merged) base as a single-file checkpoint (`*.safetensors`) or a diffusers folder, atomically."""
+    """Write the (merged) base as a single-file checkpoint (`*.safetensors`) or a diffusers folder, atomically.
+
+    Weights that hold NaN/inf once cast to `dtype` are refused before anything is written (`check_finite_weights`).
+    """
+    from sdtrain.files import give_normal_modes
     from sdtrain.models.single_file import save_single_file
 
     if dtype not in DTYPES:
@@ -95,6 +132,9 @@ def save_merged(base, out, *, dtype: str = "fp16", overwrite: bool = False, titl
     out = Path(out)
     _check_out(out, overwrite)
     pipe = build_pipeline(base)
+    named = {f"{component}.{key}": tensor for component, module in pipe.components.items()
+             if isinstance(module, torch.nn.Module) for key, tensor in module.state_dict().items()}
+    check_finite_weights(named, f"--out {out}", dtype, "check the base model")
     if out.suffix.lower() == ".safetensors":
         return save_single_file(pipe, base.arch, out, dtype=DTYPES[dtype], title=title)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +142,7 @@ def save_merged(base, out, *, dtype: str = "fp16", overwrite: bool = False, titl
     try:
         pipe.to(dtype=DTYPES[dtype])
         pipe.save_pretrained(staging, safe_serialization=True)
+        give_normal_modes(staging)  # mkdtemp makes the folder 0700, safetensors writes 0600
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, trash / out.name)

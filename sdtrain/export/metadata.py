@@ -4,8 +4,14 @@ Every value is a string (safetensors metadata is `dict[str, str]`). What the UIs
 - A1111 lists a file as SDXL only when `ss_base_model_version` starts with `sdxl_`; `ss_output_name` is
   the alias in `<lora:alias:w>`; `ss_tag_frequency` (JSON `{folder: {tag: count}}`) feeds its tag list;
   `sshs_model_hash` is taken verbatim as the file's hash.
+- `sdtrain_target` / `sdtrain_dora_scale` record the export target and how `dora_scale` encodes the magnitude
+  (`export/targets.py`); files without them hold the magnitude itself.
 - `ss_network_alpha` records the training alpha. The file's per-module `alpha` tensors equal the rank
   and the training alpha/rank is folded into `lora_up` (exact in A1111 1.9 and 1.10 alike).
+- `sdtrain_config` is the resolved training config as JSON. Adapters get shared, so its path keys and
+  `ss_sd_model_name` hold no absolute local path (`shareable_path`): a path inside the config's folder is written
+  relative to it when the folder is given (`config_dir`), any other local path as its final name only (kohya
+  writes `ss_sd_model_name` so too); hub ids and `builtin:` names are kept.
 
 Hashes (`sshs_model_hash`, `sshs_legacy_hash`), computed on the bytes actually written:
 - `model_hash`: sha256 hex of the bytes after the 8-byte header length and the JSON header (the tensor
@@ -22,6 +28,10 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import ntpath
+import os
+import posixpath
+import re
 
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
@@ -34,6 +44,8 @@ MODEL_HASH_KEY = "sshs_model_hash"
 LEGACY_HASH_KEY = "sshs_legacy_hash"
 CONFIG_KEY = "sdtrain_config"
 FOLDING_KEY = "sdtrain_alpha_folded"
+TARGET_KEY = "sdtrain_target"  # the export target the file was written for (`export/targets.py`)
+RULE_KEY = "sdtrain_dora_scale"  # how dora_scale relates to the trained magnitude: "magnitude" | "comfyui-w0-norm"
 
 
 def tensor_section_offset(data: bytes) -> int:
@@ -56,6 +68,53 @@ def file_hashes(path) -> dict[str, str]:
     with open(path, "rb") as f:
         data = f.read()
     return {MODEL_HASH_KEY: model_hash(data), LEGACY_HASH_KEY: legacy_hash(data)}
+
+
+_WINDOWS_ABSOLUTE = re.compile(r"^([A-Za-z]:[\\/]|\\\\)")
+
+
+def shareable_path(value: str, config_dir=None) -> str:
+    """A string as written into shared metadata: an absolute local path (POSIX, Windows or `~`) becomes its path
+    relative to `config_dir` when inside it, else its final name; other strings are returned unchanged."""
+    if not isinstance(value, str):
+        return value
+    windows = bool(_WINDOWS_ABSOLUTE.match(value))
+    if not (windows or value.startswith(("/", "~"))):
+        return value
+    flavour = ntpath if windows else posixpath
+    if config_dir is not None and not windows and value.startswith("/"):
+        folder = os.path.abspath(os.fspath(config_dir))
+        path = posixpath.normpath(value)
+        if posixpath.commonpath([path, folder]) == folder:
+            return posixpath.relpath(path, folder)
+    return flavour.basename(flavour.normpath(value).rstrip("/\\")) or "."
+
+
+def shareable_config(config: dict, config_dir=None) -> dict:
+    """A config dict (`config_to_dict`) with `shareable_path` applied to the values of its path keys (those the
+    schema declares as paths: model.path, data.subsets[].path, train.output_dir, ...)."""
+    import dataclasses
+
+    from sdtrain.config.kinds import Path as PathKind, Section, SectionList
+    from sdtrain.config.schema import Config
+
+    def walk(table, cls):
+        if not isinstance(table, dict):
+            return table
+        kinds = {f.name: f.metadata.get("kind") for f in dataclasses.fields(cls)}
+        out = {}
+        for key, value in table.items():
+            kind = kinds.get(key)
+            if isinstance(kind, PathKind):
+                value = shareable_path(value, config_dir)
+            elif isinstance(kind, Section):
+                value = walk(value, kind.cls)
+            elif isinstance(kind, SectionList) and isinstance(value, list):
+                value = [walk(item, kind.cls) for item in value]
+            out[key] = value
+        return out
+
+    return walk(config, Config)
 
 
 def _spec_get(spec, name, default=None):
@@ -125,13 +184,16 @@ def build_metadata(
     title: str | None = None,
     description: str | None = None,
     config: dict | None = None,
+    config_dir=None,
     extra: dict | None = None,
 ) -> dict[str, str]:
     """The metadata written into an adapter file; every value is a string.
 
     `spec` is the network spec (object or dict with type, rank, alpha, conv_rank, conv_alpha,
     decompose_axis, preset); `started_at`/`finished_at` are datetimes or unix times; `config` is the
-    resolved training config (stored as JSON); `extra` adds or overrides keys.
+    resolved training config (stored as JSON); `extra` adds or overrides keys (written as given). The config's
+    path keys and `base_model_name` hold no absolute local path: paths inside `config_dir` (the config file's
+    folder) are written relative to it, other local paths as their final name (`shareable_path`).
     """
     if arch not in BASE_MODEL_VERSION:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(BASE_MODEL_VERSION)}")
@@ -162,7 +224,7 @@ def build_metadata(
         if stamp is not None:
             meta[key] = repr(stamp)
     if base_model_name:
-        meta["ss_sd_model_name"] = base_model_name
+        meta["ss_sd_model_name"] = shareable_path(str(base_model_name), config_dir)
 
     date = _dt.datetime.fromtimestamp(_timestamp(finished_at), _dt.timezone.utc) if finished_at is not None \
         else _dt.datetime.now(_dt.timezone.utc)
@@ -181,7 +243,7 @@ def build_metadata(
     if description:
         meta["modelspec.description"] = description
     if config is not None:
-        meta[CONFIG_KEY] = json.dumps(config, sort_keys=True, default=str)
+        meta[CONFIG_KEY] = json.dumps(shareable_config(config, config_dir), sort_keys=True, default=str)
     if extra:
         meta.update({str(k): str(v) for k, v in extra.items()})
     return meta
@@ -203,3 +265,8 @@ def parsed_network_args(metadata: dict[str, str]) -> dict:
     except json.JSONDecodeError:
         return {}
     return args if isinstance(args, dict) else {}
+
+
+def dora_scale_rule(metadata: dict[str, str]) -> str:
+    """How the file's dora_scale encodes the magnitude ("magnitude" when the file does not say)."""
+    return metadata.get(RULE_KEY) or "magnitude"

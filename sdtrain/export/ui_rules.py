@@ -1,7 +1,10 @@
 """Replays of how each UI merges one kohya-layout LoRA/DoRA module into its base weight.
 
-Written by sdtrain from the loaders' documented behaviour (facts only, no code copied), so that
-`sdtrain verify` can rebuild the weight a UI would use and compare it with sdtrain's own merge.
+Written by sdtrain from the loaders' code (facts only, no code copied), so that `sdtrain verify` can rebuild
+the weight a UI would use and compare it with sdtrain's own merge. Checked by running the loaders' own code
+on sdtrain's files (tests/integrations/test_real_loaders.py) at: ComfyUI a125cd84 (v0.3.64,
+`comfy/weight_adapter/base.py` weight_decompose), Forge dfdcbab6 (`backend/patcher/lora.py`), AUTOMATIC1111
+82a973c0 (v1.10.1, `extensions-builtin/Lora/network.py`), LyCORIS f49d30d6 (`lycoris/modules/locon.py`).
 Every rule takes the tensors as they lie in the file and returns the merged weight in fp32:
 
     rule(W0, down, up, alpha, dora_scale, strength=1.0) -> W
@@ -13,8 +16,8 @@ uses scale 1 or alpha = rank, as it does); `dora_scale` is the file's magnitude 
 broadcasts it, so a mismatch shows up as a large error (or a `RuntimeError` where torch refuses).
 
 Rules:
-- `comfyui_current`: ComfyUI (and Forge/reForge, which share its code) today. alpha/rank scales
-  up·down before the decomposition; the output axis is chosen when `dora_scale.shape[0] == out`,
+- `comfyui_current`: ComfyUI v0.3.64 and Forge (`backend/patcher/lora.py`, the same function). alpha/rank
+  scales up·down before the decomposition; the output axis is chosen when `dora_scale.shape[0] == out`,
   and in that branch the norm is taken of W0 instead of W0 + ΔW; float32 eps is added to the norm;
   fp32 math; strength k gives W0 + k·(W' − W0).
 - `comfyui_fixed`: the same with the open upstream fix (output-axis norm of W0 + ΔW).
@@ -24,10 +27,11 @@ Rules:
   strength k gives W0 + k·(W' − W0).
 - `a1111_19`: AUTOMATIC1111 1.9. Decomposes W0 + up·down unscaled, then multiplies the
   resulting update by alpha/rank (exact only when the file stores alpha = rank).
-- `lycoris`: LyCORIS 3.x (SD.Next behaves the same since July 2026). alpha/rank before the
-  decomposition (alpha missing or 0 means alpha = rank); axis read from the dora_scale shape;
-  float32 eps added to the norm; strength k scales the magnitude ratio: W = V·(k·(m/‖V‖ − 1) + 1)
-  with V = W0 + ΔW (equal to W' at k = 1).
+- `lycoris`: the LyCORIS package (`lycoris.utils.merge` → `LoConModule.make_module_from_state_dict`; SD.Next
+  behaves the same). It always builds an output-axis module and copies the file's dora_scale into its
+  [out, 1, ...] parameter, so an input-axis dora_scale raises (torch cannot broadcast [1, in] into [out, 1]) and
+  nothing is merged. alpha/rank before the decomposition (alpha 0 means alpha = rank); float32 eps added to the
+  norm; strength k scales the magnitude ratio: W = V·(k·(m/‖V‖ − 1) + 1) with V = W0 + ΔW (W' at k = 1).
 - `diffusers`: `load_lora_weights` on a kohya file: dora_scale is dropped, W0 + k·(alpha/rank)·up·down.
 """
 
@@ -123,18 +127,8 @@ def a1111_19(w0, down, up, alpha, dora_scale, strength: float = 1.0, compute_dty
     return (w0c + update * (scale * strength)).to(torch.float32)
 
 
-def lycoris_axis(dora_scale: torch.Tensor, weight_shape) -> str:
-    """The axis LyCORIS reads from a dora_scale shape: "output" for [out, 1, ...], else "input"."""
-    out_features = weight_shape[0]
-    if dora_scale.dim() >= 2:
-        if dora_scale.shape[0] == out_features and all(d == 1 for d in dora_scale.shape[1:]):
-            return "output"
-        return "input"
-    return "output" if dora_scale.numel() == out_features else "input"
-
-
 def lycoris(w0, down, up, alpha, dora_scale, strength: float = 1.0) -> torch.Tensor:
-    """LyCORIS 3.x: both axes, fp32, eps in the norm, strength applied to the magnitude ratio."""
+    """LyCORIS: output axis only (an input-axis dora_scale raises), fp32, eps in the norm, strength on the ratio."""
     w0 = w0.to(torch.float32)
     rank = down.shape[0]
     alpha = _alpha_value(alpha)
@@ -143,9 +137,8 @@ def lycoris(w0, down, up, alpha, dora_scale, strength: float = 1.0) -> torch.Ten
     if dora_scale is None:
         return w0 + (strength * scale) * delta
     merged = w0 + scale * delta
-    output = lycoris_axis(dora_scale, w0.shape) == "output"
-    norm = output_axis_norm(merged) if output else input_axis_norm(merged)
-    magnitude = dora_scale.to(torch.float32).reshape(norm.shape)
+    norm = output_axis_norm(merged)
+    magnitude = torch.empty(norm.shape).copy_(dora_scale.to(torch.float32))  # the package's copy_: may raise
     ratio = magnitude / (norm + FP32_EPS)
     if strength != 1.0:
         ratio = strength * (ratio - 1) + 1
@@ -162,6 +155,7 @@ def diffusers_plain(w0, down, up, alpha, dora_scale, strength: float = 1.0) -> t
 
 RULES = {
     "comfyui": comfyui_current,
+    "forge": comfyui_current,
     "comfyui-fixed": comfyui_fixed,
     "a1111": a1111_110,
     "a1111-1.9": a1111_19,

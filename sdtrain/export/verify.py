@@ -9,6 +9,11 @@ Verdicts: "incompatible" when the loader cannot apply the file as trained (an ax
 support, DoRA at all for diffusers, a module it cannot rebuild, adapter keys the base checkpoint does not have, or an error
 above 50%); "exact" when the error is within the loader's compute precision (1e-5 for fp32 rules,
 4e-3 for A1111's fp16); "approximate" otherwise.
+
+The report names the consumers that apply the file exactly and a one-line fix for each other one (sdtrain's
+ComfyUI nodes or A1111/Forge extension, or `sdtrain export --target`); its exit code is 0 when every requested
+consumer is exact. Requested by default: the consumers the file's export target is written for
+(`export/targets.py`), or ComfyUI for files that record no target.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sdtrain.export import targets as export_targets
 from sdtrain.export import ui_rules
 
 
@@ -33,23 +39,35 @@ class Loader:
 LOADERS: dict[str, Loader] = {
     loader.target: loader
     for loader in (
-        Loader("comfyui", "ComfyUI (current; also Forge/reForge)", ui_rules.comfyui_current, 1e-5),
-        Loader("comfyui-fixed", "ComfyUI with the output-axis fix", ui_rules.comfyui_fixed, 1e-5),
+        Loader("comfyui", "ComfyUI v0.3.64 LoraLoader", ui_rules.comfyui_current, 1e-5),
+        Loader("forge", "Forge built-in Lora", ui_rules.comfyui_current, 1e-5),
+        Loader("comfyui-fixed", "ComfyUI with the output-axis fix (PR #15458)", ui_rules.comfyui_fixed, 1e-5),
         Loader("a1111", "A1111 1.10 (fp16)", ui_rules.a1111_110, 4e-3, axes=("input",)),
         Loader("a1111-1.9", "A1111 1.9 (fp16)", ui_rules.a1111_19, 4e-3, axes=("input",)),
-        Loader("lycoris", "LyCORIS 3.x / SD.Next", ui_rules.lycoris, 1e-5),
+        Loader("lycoris", "LyCORIS package / SD.Next", ui_rules.lycoris, 1e-5, axes=("output",)),
         Loader("diffusers", "diffusers load_lora_weights", ui_rules.diffusers_plain, 1e-5, axes=()),
     )
 }
-DEFAULT_TARGETS = ("comfyui", "a1111")
+DEFAULT_TARGETS = ("comfyui",)  # requested for files that record no export target
 INCOMPATIBLE_ABOVE = 0.5
 VERDICTS = ("exact", "approximate", "incompatible")
+EXTENSIONS = ('sdtrain\'s ComfyUI nodes ("Load DoRA (sdtrain, exact)", `sdtrain install-comfyui COMFYUI_DIR`) and '
+              'A1111/Forge extension (`sdtrain install-webui WEBUI_DIR`) apply every sdtrain, kohya, LyCORIS and '
+              'OneTrainer DoRA file exactly, either axis, any target')
 
 
-def parse_targets(text: str | None) -> list[str]:
-    """Targets from "comfyui,a1111" ("all" = every loader); ValueError names the accepted values."""
+def requested_targets(adapter_file, targets=None) -> list[str]:
+    """The consumers that must be exact: `targets` when given, else those the file's export target claims."""
+    if targets is not None:
+        return list(targets)
+    recorded = export_targets.TARGETS.get(adapter_file.target or "")
+    return list(recorded.claims if recorded else DEFAULT_TARGETS)
+
+
+def parse_targets(text: str | None) -> list[str] | None:
+    """Targets from "comfyui,forge" ("all" = every loader; empty = None, the file's own); ValueError names the accepted values."""
     if not text:
-        return list(DEFAULT_TARGETS)
+        return None
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     if names == ["all"]:
         return list(LOADERS)
@@ -99,41 +117,68 @@ class VerifyReport:
     results: list[LoaderResult]
     requested: list[str]
     notes: list[str] = field(default_factory=list)
+    target: str | None = None  # the export target recorded in the file
+    rule: str = export_targets.MAGNITUDE
 
     def result(self, target: str) -> LoaderResult:
         return next(r for r in self.results if r.target == target)
+
+    def exact(self) -> list[str]:
+        return [r.target for r in self.results if r.verdict == "exact"]
+
+    def not_exact_requested(self) -> list[str]:
+        return [r.target for r in self.results if r.target in self.requested and r.verdict != "exact"]
 
     def incompatible_requested(self) -> list[str]:
         return [r.target for r in self.results if r.target in self.requested and r.verdict == "incompatible"]
 
     def exit_code(self) -> int:
-        return 1 if self.incompatible_requested() else 0
+        """0 when every requested consumer applies the file exactly, else 1."""
+        return 1 if self.not_exact_requested() else 0
 
     def format(self) -> str:
+        written = "no target recorded (dora_scale holds the magnitude)"
+        if self.target:
+            written = f"{self.target} (dora_scale rule: {self.rule})"
         lines = [
             f"adapter  {self.file}",
             f"base     {self.base} ({self.arch or 'unknown arch'})",
             f"modules  {self.coverage.total} ({len(self.coverage.matched)} map to base checkpoint keys), "
             f"DoRA axis: {self.axis or 'none (plain LoRA)'}, strength {self.strength:g}",
+            f"target   {written}",
         ]
         lines += [f"note     {note}" for note in self.notes]
         for name, reason in list(self.coverage.unmatched.items())[:5]:
             lines.append(f"  unmatched {name}: {reason}")
         if len(self.coverage.unmatched) > 5:
             lines.append(f"  ... {len(self.coverage.unmatched) - 5} more unmatched")
-        header = ("loader", "matched", "unmatched", "max rel err", "verdict", "remedy")
-        rows = [header] + [
-            (("* " if r.target in self.requested else "  ") + r.row()[0], *r.row()[1:]) for r in self.results
-        ]
-        rows[0] = ("  " + header[0], *header[1:])
+        rows = [("  loader", "matched", "unmatched", "max rel err", "verdict", "")]
+        rows += [(("* " if r.target in self.requested else "  ") + r.row()[0], *r.row()[1:5], LOADERS[r.target].label)
+                 for r in self.results]
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
         lines.append("")
-        for row in rows:
-            lines.append("  ".join(f"{cell:<{widths[i]}}" for i, cell in enumerate(row[:5])) + "  " + row[5])
-        lines.append("(* = requested target)")
-        bad = self.incompatible_requested()
-        lines.append(f"result: incompatible with {', '.join(bad)}" if bad else "result: ok for all requested targets")
+        lines += ["  ".join(f"{cell:<{widths[i]}}" for i, cell in enumerate(row[:5])) + "  " + row[5] for row in rows]
+        lines.append("(* = requested)")
+        lines.append("")
+        lines += self.verdict_lines()
         return "\n".join(lines)
+
+    def verdict_lines(self) -> list[str]:
+        """Which consumers apply the file exactly, the fix for every other one, and the result."""
+        exact = self.exact()
+        lines = [f"exact in: {', '.join(exact) if exact else 'none of the UIs built-in loaders'}"]
+        others = [r for r in self.results if r.verdict != "exact"]
+        if others:
+            lines.append("not exact:")
+            lines += [f"  {r.target}: {r.verdict} ({r.row()[3]}) - {r.remedy}" for r in others]
+        if self.axis:
+            lines.append(f"with sdtrain's integrations: exact ({EXTENSIONS})")
+        bad = self.not_exact_requested()
+        if bad:
+            lines.append(f"result: NOT exact in {', '.join(bad)} (requested); see the fixes above")
+        else:
+            lines.append(f"result: exact in every requested consumer ({', '.join(self.requested)})")
+        return lines
 
     def summary(self) -> str:
         """One line per loader, for training logs."""
@@ -173,30 +218,45 @@ def _unmerged_layer(module):
     return clone
 
 
-def _remedy(loader: Loader, verdict: str, axis: str | None, coverage_bad: bool, failures: dict, strength: float) -> str:
+def _remedy(loader: Loader, verdict: str, axis: str | None, rule: str, coverage_bad: bool, failures: dict,
+            strength: float, file: str = "FILE", base: str = "MODEL") -> str:
+    """The one-line fix for a loader that does not apply the file exactly ("-" when it does)."""
+    target = loader.target
+    export = f"`sdtrain export {file} --base {base} --target {{}}`"
+    output = axis in ("output", "mixed")
     if coverage_bad:
         return "some modules have no key in the base checkpoint: verify against the base model it was trained for"
+    if target == "lycoris" and axis in ("input", "mixed"):
+        return ('LyCORIS builds output-axis modules only and refuses input-axis files: train with '
+                'network.decompose_axis = "output" and save.target = "lycoris", or use sdtrain\'s integrations')
     if failures:
         name, why = next(iter(failures.items()))
         return f"{len(failures)} module(s) cannot be applied (e.g. {name}: {why})"
-    if loader.target == "diffusers" and axis:
-        return "diffusers drops dora_scale and applies a plain LoRA; bake it with `sdtrain merge` for exact results"
+    if target == "diffusers" and axis:
+        return (f"diffusers drops dora_scale and applies a plain LoRA: bake the exact weights with "
+                f"`sdtrain merge {file} --base {base} --out merged.safetensors`")
     if verdict == "exact":
         return "-"
-    if loader.target.startswith("a1111") and axis in ("output", "mixed"):
-        return 'A1111 applies input-axis DoRA only; train with network.decompose_axis = "input" to target it'
-    if loader.target == "comfyui" and axis in ("output", "mixed"):
-        return ('ComfyUI normalises output-axis DoRA by |W0| (fix open upstream); train with '
-                'network.decompose_axis = "input" for an exact match')
-    if loader.target == "lycoris" and strength != 1.0:
-        return "LyCORIS applies strength to the magnitude ratio; exact at strength 1"
-    if loader.target.startswith("a1111"):
+    if target.startswith("a1111") and output:
+        return ("A1111 applies input-axis DoRA only: install the extension (`sdtrain install-webui WEBUI_DIR`), or "
+                'train with network.decompose_axis = "input" and save.target = "portable"')
+    if target in ("comfyui", "forge") and output and rule == export_targets.MAGNITUDE:
+        plugin = ('install the nodes (`sdtrain install-comfyui COMFYUI_DIR`, "Load DoRA (sdtrain, exact)")'
+                  if target == "comfyui" else "install the extension (`sdtrain install-webui FORGE_DIR`)")
+        return f"it divides output-axis DoRA by |W0|: {plugin}, or re-encode: {export.format(target)}"
+    if target in ("comfyui-fixed", "lycoris") and output and rule == export_targets.COMFYUI_W0_NORM:
+        return (f"the file compensates the |W0| rule of ComfyUI v0.3.64/Forge, which this loader does not have: "
+                f"re-encode with {export.format('lycoris')}, or use sdtrain's integrations (they read the rule)")
+    if target == "lycoris" and strength != 1.0:
+        return (f"LyCORIS applies the strength to the magnitude ratio (exact at 1): bake the strength with "
+                f"`sdtrain merge {file} --base {base} --strength {strength:g} --out merged.safetensors`")
+    if target.startswith("a1111"):
         return "A1111 computes in fp16; the difference is its rounding"
     return "differences beyond rounding: report this file to sdtrain"
 
 
 def compare_loaders(adapter_file, modules: dict, *, targets=None, strength: float = 1.0,
-                    coverage: KeyCoverage | None = None, requested=None) -> list[LoaderResult]:
+                    coverage: KeyCoverage | None = None, base_label: str = "MODEL") -> list[LoaderResult]:
     """Each loader's rebuild of every file module vs sdtrain's merged weight of the matching module.
 
     `modules` maps kohya name → sdtrain adapter module holding the file's tensors (e.g. from
@@ -240,7 +300,8 @@ def compare_loaders(adapter_file, modules: dict, *, targets=None, strength: floa
             verdict = "exact"
         else:
             verdict = "approximate"
-        remedy = _remedy(loader, verdict, axis, bool(unmatched_keys), failures, strength)
+        remedy = _remedy(loader, verdict, axis, adapter_file.rule, bool(unmatched_keys), failures, strength,
+                         str(adapter_file.path or "FILE"), base_label)
         results.append(LoaderResult(target, loader.label, len(names) - len(failures),
                                     len(unmatched_keys) + len(failures), worst, worst_name, verdict, remedy, failures))
     return results
@@ -372,7 +433,7 @@ def verify_adapter(adapter_file, base, *, targets=None, strength: float = 1.0, b
 
     if not hasattr(adapter_file, "modules"):
         adapter_file = load_adapter(adapter_file)
-    requested = list(targets or DEFAULT_TARGETS)
+    requested = requested_targets(adapter_file, targets)
     arch = base.arch
     text_encoders = list(base.text_encoders)
     if checkpoint_path is not None:
@@ -382,17 +443,19 @@ def verify_adapter(adapter_file, base, *, targets=None, strength: float = 1.0, b
     coverage = key_coverage(adapter_file, arch, shapes, base.unet.config, _clip_widths(text_encoders))
     layers = layers_by_name(adapter_file, arch, base.unet, text_encoders)
     modules = file_modules_on_layers(adapter_file, layers)
-    results = compare_loaders(adapter_file, modules, targets=list(LOADERS), strength=strength, coverage=coverage)
     label = base_label or str(getattr(base, "source", None) or getattr(base, "path", None) or arch)
+    results = compare_loaders(adapter_file, modules, targets=list(LOADERS), strength=strength, coverage=coverage,
+                              base_label=label)
     notes = []
     if adapter_file.arch and adapter_file.arch != arch:
         notes.append(f"the adapter was trained on {adapter_file.arch}, the base is {arch}")
     return VerifyReport(str(adapter_file.path or "adapter"), label, arch, adapter_file.axis, strength,
-                        coverage, results, requested, notes)
+                        coverage, results, requested, notes, adapter_file.target, adapter_file.rule)
 
 
 @torch.no_grad()
-def verify_saved_adapter(path, adapters, *, targets=None, strength: float = 1.0) -> VerifyReport:
+def verify_saved_adapter(path, adapters, *, targets=None, strength: float = 1.0,
+                         base_label: str = "MODEL") -> VerifyReport:
     """The training run's check of its final save: the file vs the trained AdapterSet's base layers.
 
     The file is rebuilt on the same base layers the adapters wrap (unmerged for the check), so the
@@ -410,7 +473,8 @@ def verify_saved_adapter(path, adapters, *, targets=None, strength: float = 1.0)
         shapes = checkpoint_shapes(adapters.arch, unet, text_encoders)
         coverage = key_coverage(adapter_file, adapters.arch, shapes, unet.config, _clip_widths(text_encoders))
     modules = file_modules_on_layers(adapter_file, layers)
-    results = compare_loaders(adapter_file, modules, targets=list(LOADERS), strength=strength, coverage=coverage)
-    return VerifyReport(str(path), "trained base", adapters.arch, adapter_file.axis, strength,
+    results = compare_loaders(adapter_file, modules, targets=list(LOADERS), strength=strength, coverage=coverage,
+                              base_label=base_label)
+    return VerifyReport(str(path), f"{base_label} (the trained base)", adapters.arch, adapter_file.axis, strength,
                         coverage or KeyCoverage(matched={n: "" for n in modules}), results,
-                        list(targets or DEFAULT_TARGETS))
+                        requested_targets(adapter_file, targets), target=adapter_file.target, rule=adapter_file.rule)

@@ -3,7 +3,8 @@
 Sources (`model.path`): `builtin:tiny-sd15` / `builtin:tiny-sdxl` (pretrained) and their `-random` twins; a diffusers folder (`model_index.json`);
 a single-file `.safetensors` (architecture detected from its keys; diffusers' `from_single_file` builds the
 components, with `model.config_dir` giving the configs and tokenizers offline); a hub id `org/name`
-(downloaded when online, taken from the local cache when offline); `.ckpt`/`.pt` only with
+(downloaded when online, taken from the local cache when offline; `model.revision` picks its branch, tag or
+commit, `model.variant` its weight variant such as fp16); `.ckpt`/`.pt` only with
 `model.allow_pickle = true`. `model.vae` swaps in another VAE (diffusers folder, hub id or single `.safetensors`
 in either layout) and `model.prediction_type` overrides the scheduler's (e.g. `v_prediction` for SD2-768-v).
 
@@ -160,12 +161,14 @@ def _load_builtin(name: str) -> tuple[str, dict]:
     return arch, _parts_from_pipeline(build_builtin(name, arch))
 
 
-def _load_folder(folder: Path, arch: str, dtype: torch.dtype) -> dict:
+def _load_folder(folder: Path, arch: str, dtype: torch.dtype, variant: str | None = None) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    requested = variant
+
     def model(cls, sub, **kw):
-        variant = _weights_variant(folder / sub)
+        variant = requested or _weights_variant(folder / sub)
         try:
             return cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True, variant=variant, **kw)
         except Exception as exc:  # noqa: BLE001
@@ -190,17 +193,22 @@ def _load_folder(folder: Path, arch: str, dtype: torch.dtype) -> dict:
     )
 
 
-def _load_hub(repo_id: str, arch: str, offline: bool, dtype: torch.dtype) -> tuple[str, dict, Path]:
+def _load_hub(repo_id: str, arch: str, offline: bool, dtype: torch.dtype, revision: str | None = None,
+              variant: str | None = None) -> tuple[str, dict, Path]:
     from huggingface_hub import snapshot_download
 
-    patterns = [
-        "model_index.json", "*/*.json", "*/*.txt",
-        "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model-*.safetensors",
-        "vae/diffusion_pytorch_model.safetensors",
-        "text_encoder*/model.safetensors", "text_encoder*/model-*.safetensors",
-    ]
+    patterns = ["model_index.json", "*/*.json", "*/*.txt"]
+    if variant:  # e.g. unet/diffusion_pytorch_model.fp16.safetensors
+        patterns += [f"{sub}/*.{variant}*.safetensors" for sub in ("unet", "vae", "text_encoder*")]
+    else:
+        patterns += [
+            "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model-*.safetensors",
+            "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder*/model.safetensors", "text_encoder*/model-*.safetensors",
+        ]
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                        local_files_only=offline))
     except Exception as exc:  # noqa: BLE001
         how = "is not in the local Hugging Face cache and the hub is offline" if offline else "could not be downloaded"
         raise ModelLoadError(
@@ -208,7 +216,7 @@ def _load_hub(repo_id: str, arch: str, offline: bool, dtype: torch.dtype) -> tup
             "download it while online or point model.path at a local diffusers folder or .safetensors file"
         ) from exc
     found = _check_arch(arch, folder_arch(folder), f"hub model {repo_id}")
-    return found, _load_folder(folder, found, dtype), folder
+    return found, _load_folder(folder, found, dtype, variant), folder
 
 
 def _load_single_file(path: Path, arch: str, config_dir, allow_pickle: bool, dtype, offline: bool) -> tuple[str, dict]:
@@ -361,8 +369,14 @@ def load_base(
     allow_pickle: bool = False,
     dtype: torch.dtype = torch.float32,
     local_files_only: bool | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
 ) -> BaseModel:
-    """Load the base model at `path` (see the module docstring for accepted sources)."""
+    """Load the base model at `path` (see the module docstring for accepted sources).
+
+    `revision` (branch, tag or commit) applies to a hub id; `variant` (e.g. "fp16") picks the weight files
+    `*.{variant}.safetensors` of a hub model or diffusers folder (a folder holding only such files is read
+    without being told)."""
     from diffusers import DDPMScheduler
 
     if prediction_type not in ("auto",) + PREDICTION_TYPES:
@@ -385,7 +399,7 @@ def load_base(
                 "folder (saved with save_pretrained) or a .safetensors checkpoint"
             )
         found = _check_arch(arch, folder_arch(fs_path), f"folder {fs_path}")
-        parts = _load_folder(fs_path, found, dtype)
+        parts = _load_folder(fs_path, found, dtype, variant)
         source = f"diffusers folder {fs_path.resolve()}"
     elif fs_path.is_file():
         suffix = fs_path.suffix.lower()
@@ -394,7 +408,7 @@ def load_base(
         found, parts = _load_single_file(fs_path, arch, config_dir, allow_pickle, dtype, offline)
         source = f"single file {fs_path.resolve()}" + (f" (configs from {config_dir})" if config_dir else "")
     elif _looks_like_hub_id(text):
-        found, parts, folder = _load_hub(text, arch, offline, dtype)
+        found, parts, folder = _load_hub(text, arch, offline, dtype, revision, variant)
         source = f"hub {text} ({folder})"
     else:
         raise _missing(text)

@@ -36,8 +36,9 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 
 def _final_layer_norm(text_encoder):
+    model = getattr(text_encoder, "module", text_encoder)  # the encoder inside a DDP wrapper
     # transformers 5 CLIPTextModel keeps it at the top level; CLIPTextModelWithProjection under `text_model`.
-    owner = getattr(text_encoder, "text_model", text_encoder)
+    owner = getattr(model, "text_model", model)
     return owner.final_layer_norm
 
 

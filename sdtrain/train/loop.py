@@ -1,19 +1,21 @@
 """The training loop: config in, trained adapter files out.
 
-Order of work: plan (data scan, steps, network; no weights) → accelerator → base model → adapters →
-latent / text-encoder caches → optimizer and LR schedule → (resume) → steps → saves, samples, logs →
-final save and the loaders' `verify` summary.
+`Trainer` builds its components one `_setup_*` method each, in this order: plan (data scan, steps, network;
+no weights) → accelerator → resume check (a state that cannot be resumed fails here, before any weights
+load) → base model (re-planned when it is another family than its name suggested) → frozen weights cast and
+placed → adapters (injected, or from an --init-from file) → latent / text-encoder caches → optimizer →
+restored state → LR schedule. Then the steps, with saves, samples, logs and states between them, and at the
+end the final adapter, a final training state and the loaders' `verify` summary.
 
 Randomness that decides what a step computes is a pure function of the run's seed and the step's place:
 noise and timesteps from a generator seeded by (seed, global batch index), flips and caption augmentation
-from (seed, epoch, batch, slot). A resumed run therefore computes exactly the steps an uninterrupted run
-would have (see `sdtrain.train.state`).
+from (seed, epoch, batch, slot), the adapters' initial weights from the seed. A resumed run therefore
+computes exactly the steps an uninterrupted run would have (see `sdtrain.train.state`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,9 +24,9 @@ from pathlib import Path
 import torch
 
 from sdtrain.errors import UserError
+from sdtrain.train.accelerator import DistributedSetupError, make_accelerator, weight_dtype_for
+from sdtrain.train.interrupt import StopRequest, TrainingInterrupted
 from sdtrain.train.plan import TrainingPlan, describe_plan, make_plan
-
-log = logging.getLogger("sdtrain")
 
 
 class TrainingDiverged(UserError):
@@ -37,85 +39,46 @@ class TrainResult:
     saved: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # one per optimizer step, from the resumed step on
     samples: list[Path] = field(default_factory=list)
-    seen: list = field(default_factory=list)  # (epoch, [record index, ...]) per batch this process trained
     verify_summary: str = ""
     verify_report: object = None
     steps: int = 0
+    state: Path | None = None  # the newest training state written
 
 
-def make_accelerator(cfg):
-    """accelerate's Accelerator for this run: CPU (gloo) when there is no GPU, mixed precision from the config."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+class TrainerCallback:
+    """Hooks for scripts and tests: pass instances as `Trainer(..., callbacks=[...])`; override what you need."""
 
-    on_cpu = not torch.cuda.is_available()
-    precision = cfg.train.mixed_precision
-    if on_cpu and precision == "fp16":
-        log.warning("train.mixed_precision = 'fp16' needs a GPU; training in fp32 on the CPU")
-        precision = "no"
-    from accelerate.state import AcceleratorState
+    def on_batch(self, trainer: Trainer, epoch: int, keys: list) -> None:
+        """Before a micro-batch trains: its epoch and this process's sample keys (`key.record` is the image)."""
 
-    # accelerate keeps one AcceleratorState per process; a second run in the same process (a script training
-    # LoRA then DoRA, a test) may use another precision. The process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    project = ProjectConfiguration(project_dir=str(cfg.train.output_dir), logging_dir=str(cfg.log.log_dir))
-    log_with = "tensorboard" if cfg.log.tensorboard else None
-    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu, log_with=log_with, project_config=project)
-    check_distributed(accelerator)
-    return accelerator
-
-
-class DistributedSetupError(UserError):
-    """Launched as several processes, but they do not form one process group."""
-
-
-def check_distributed(accelerator, environ=None) -> None:
-    """Fail loudly when a launcher started several processes that accelerate does not connect: they would
-    each train their own copy with no gradient sync."""
-    import os
-
-    environ = os.environ if environ is None else environ
-    launched = int(environ.get("WORLD_SIZE", "1") or 1)
-    if launched > 1 and accelerator.num_processes != launched:
-        raise DistributedSetupError(
-            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but this process trains alone "
-            f"(accelerate sees {accelerator.num_processes} process, distributed type "
-            f"{accelerator.distributed_type}); the copies would train separately with no gradient sync. "
-            "Launch with `accelerate launch --multi_gpu --num_processes N -m sdtrain train CONFIG` on GPUs, or "
-            "`torchrun --nproc_per_node N -m sdtrain train CONFIG` (CPU: gloo), and do not set CUDA_VISIBLE_DEVICES "
-            "to hide the GPUs from some processes")
-
-
-def weight_dtype_for(accelerator) -> torch.dtype:
-    """dtype of the frozen base weights: half precision with mixed precision on a GPU, else fp32."""
-    if accelerator.device.type != "cuda":
-        return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
-def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast frozen parameters to `dtype`; trainable (adapter) parameters stay fp32."""
-    for param in module.parameters():
-        if not param.requires_grad and param.is_floating_point():
-            param.data = param.data.to(dtype)
+    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
+        """After optimizer step `step` (counted from 1) and the saves and samples that follow it."""
 
 
 class Trainer:
-    """One training run. `run()` trains; the pieces are methods so resume and tests can reach them."""
+    """One training run. `run()` trains; `setup()` alone builds the components (loads the model)."""
 
-    def __init__(self, cfg, *, resume: str | None = None, init_from: str | None = None, quiet: bool = False):
+    def __init__(self, cfg, *, resume: str | None = None, init_from: str | None = None, quiet: bool = False,
+                 callbacks=(), continue_command: str | None = None):
         self.cfg = cfg
         self.resume = resume
         self.init_from = init_from
         self.quiet = quiet
+        self.callbacks = list(callbacks)
+        self.continue_command = continue_command
         self.accelerator = make_accelerator(cfg)
         self.plan: TrainingPlan = make_plan(cfg, processes=self.accelerator.num_processes)
         self.output_dir = Path(cfg.train.output_dir)
         self.global_step = 0
         self.result = TrainResult(final_adapter=None)
         self.last_save: Path | None = None
+        self.stop = StopRequest()
+        self.base = None
+        self.finished_state = None  # a resumed state already at the last step: nothing to train
+        self.state_step = None  # the step of the newest state this run wrote
+        self._epoch_cache = None
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ output
 
     @property
     def is_main(self) -> bool:
@@ -125,64 +88,153 @@ class Trainer:
         if self.is_main and not self.quiet:
             print(text, flush=True)
 
-    def setup(self) -> None:
-        from sdtrain.adapters.inject import NetworkSpec, inject_adapters
-        from sdtrain.config import resolved_config_path, write_resolved_config
-        from sdtrain.models.loading import load_base
+    def note(self, text: str) -> None:
+        """One note in sdtrain's format (`note: ...` on stderr), once (main process), not with --quiet."""
+        if self.is_main and not self.quiet:
+            from sdtrain.console import note
 
-        cfg, accelerator = self.cfg, self.accelerator
+            note(text)
+
+    def resume_command(self) -> str:
+        """The command that continues this run from its newest state."""
+        if self.continue_command:
+            return self.continue_command
+        from sdtrain.config import resolved_config_path
+
+        return f"sdtrain train {resolved_config_path(self.cfg)} --resume latest"
+
+    # ------------------------------------------------------------------ components
+
+    def setup(self) -> None:
+        """Build every component; with `resume`, check the state first (no weights) and restore it last."""
+        from sdtrain.config import resolved_config_path, write_resolved_config
+        from sdtrain.train.state import register_state_hooks
+
+        resume = self._check_resume()
+        if resume and resume[1]["global_step"] >= self.plan.total_steps:
+            self.finished_state = resume
+            return
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_resolved_config(cfg, resolved_config_path(cfg))
-        self.base = load_base(cfg.model.path, arch=cfg.model.arch, vae=cfg.model.vae, config_dir=cfg.model.config_dir,
-                              prediction_type=cfg.model.prediction_type, allow_pickle=cfg.model.allow_pickle)
-        base = self.base
-        if base.arch != self.plan.arch:  # the plan guessed the family from the name of a hub model
-            import dataclasses
-
-            self.say(f"note: {cfg.model.path} is {base.arch}, not {self.plan.arch} as guessed from its name; "
-                     "re-planning (set model.arch to skip the guess)")
-            self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch=base.arch))
-            self.plan = make_plan(cfg, processes=accelerator.num_processes)
-        self.arch = base.arch
-        self.spec = NetworkSpec.from_config(cfg.network)
-        if self.init_from:
-            from sdtrain.export.adapter_file import adapters_from_file, load_adapter
-
-            self.adapters, report = adapters_from_file(load_adapter(self.init_from), base.unet, base.text_encoders,
-                                                       base.arch, strict=False, detach_norm=self.spec.detach_norm)
-            file_spec = self.adapters.spec
-            changed = [f"{key} {getattr(self.spec, key)!r} -> {getattr(file_spec, key)!r}"
-                       for key in ("type", "rank", "alpha", "decompose_axis", "train_text_encoder")
-                       if getattr(self.spec, key) != getattr(file_spec, key)]
-            self.spec = file_spec
-            self.say(f"initialised from {self.init_from}: {len(report.restored)} modules, fresh optimizer state"
-                     + (f"; the file's network replaces the config's ({', '.join(changed)})" if changed else ""))
-            if report.unknown_in_network:
-                self.say(f"warning: {len(report.unknown_in_network)} modules of {self.init_from} have no layer in "
-                         f"this model and were skipped (e.g. {report.unknown_in_network[0]})")
-        else:
-            self.adapters = inject_adapters(base.unet, base.text_encoders, base.arch, self.spec)
-        if self.adapters.report() != self.plan.network_report:  # the model or the file differs from the plan
-            self.say(self.adapters.report())
-        for warning in self.adapters.warnings:
-            self.say(f"warning: {warning}")
-
-        device, dtype = accelerator.device, weight_dtype_for(accelerator)
-        self.weight_dtype = dtype
+            write_resolved_config(self.cfg, resolved_config_path(self.cfg))
+        self.base = self._setup_base()
+        self._replan(self.base.arch)
+        self.arch = self.base.arch
+        self.weight_dtype = self._place_base()
+        self.adapters = self._setup_adapters()
+        self.spec = self.adapters.spec
         self.train_te = self.spec.train_text_encoder and any(g != "unet" for g in self.adapters.groups.values())
-        for module in [base.unet, *base.text_encoders]:
-            cast_frozen(module, dtype)
-            module.to(device)
-        vae_dtype = torch.float32 if (dtype == torch.float16 or base.vae.config.get("force_upcast", False)) else dtype
-        base.vae.requires_grad_(False).to(device)
-        if base.vae.dtype != vae_dtype:
-            base.vae.to(dtype=vae_dtype)
-        if cfg.train.attention == "sdpa":
-            from diffusers.models.attention_processor import AttnProcessor2_0
+        self.text_encoders = list(self.base.text_encoders)
+        self._setup_training_modes()
+        self.latent_cache = self._setup_latent_cache()
+        self.text_cache = self._setup_text_cache()
+        optimizer = self._setup_optimizer()
+        models = [self.base.unet] + (self.text_encoders if self.train_te else [])
+        *self.models, self.optimizer = self.accelerator.prepare(*models, optimizer)
+        self.unet = self.models[0]
+        if self.train_te:
+            self.text_encoders = self.models[1:]  # through the DDP wrappers, so their gradients are all-reduced
+        register_state_hooks(self.accelerator)
+        self.global_step = self._restore_state(*resume) if resume else 0
+        self.lr_scheduler = self._setup_lr_scheduler(optimizer, self.global_step)
 
-            base.unet.set_attn_processor(AttnProcessor2_0())
-        if cfg.train.gradient_checkpointing:
+    def _check_resume(self) -> tuple[Path, dict] | None:
+        """(state folder, its trainer_state) for `resume`, checked against the config and plan; no weights load."""
+        if not self.resume:
+            return None
+        from sdtrain.train.state import check_resumable, find_state, read_state_info
+
+        folder, notes = find_state(self.output_dir, self.resume)
+        info = read_state_info(folder)
+        if self.cfg.model.arch == "auto":
+            self._replan(info["arch"], quiet=True)  # the family the state's run found in the weights
+        notes += check_resumable(info, self.cfg, self.plan)
+        for note in notes:
+            self.note(note)
+        if info["global_step"] >= self.plan.total_steps:
+            self.note(f"nothing to train: the state {folder} is at step {info['global_step']} and training ends at "
+                      f"step {self.plan.total_steps}; raise train.max_steps or train.epochs to train further "
+                      f"(e.g. --set train.max_steps={2 * info['global_step']})")
+        return folder, info
+
+    def _setup_base(self):
+        """The base model: UNet, VAE, text encoders, tokenizers and the training noise scheduler."""
+        from sdtrain.models import loading
+
+        model = self.cfg.model
+        return loading.load_base(model.path, arch=model.arch, vae=model.vae, config_dir=model.config_dir,
+                                 prediction_type=model.prediction_type, allow_pickle=model.allow_pickle,
+                                 revision=model.revision, variant=model.variant)
+
+    def _replan(self, arch: str, quiet: bool = False) -> None:
+        """Plan again for `arch` when the plan guessed another family from the model's name."""
+        if arch == self.plan.arch:
+            return
+        if not quiet:
+            self.note(f"{self.cfg.model.path} is {arch}, not {self.plan.arch} as guessed from its name; "
+                      "re-planning (set model.arch to skip the guess)")
+        self.cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, arch=arch))
+        self.plan = make_plan(self.cfg, processes=self.accelerator.num_processes)
+
+    def _place_base(self) -> torch.dtype:
+        """Cast the frozen UNet and text encoders to the weight dtype (half with mixed precision on a GPU) and
+        move them and the VAE to the device; returns the weight dtype. Done before the adapters are made, so
+        a DoRA magnitude starts as the norm of the weights the forward pass uses."""
+        base, device, dtype = self.base, self.accelerator.device, weight_dtype_for(self.accelerator)
+        vae_dtype = torch.float32 if (dtype == torch.float16 or base.vae.config.get("force_upcast", False)) else dtype
+        base.vae.requires_grad_(False)
+        for module, wanted in [(base.unet, dtype), *((encoder, dtype) for encoder in base.text_encoders),
+                               (base.vae, vae_dtype)]:
+            module.to(device)
+            if next(module.parameters()).dtype != wanted:  # float()/half()/bfloat16(): floating tensors only
+                getattr(module, {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16"}[wanted])()
+        return dtype
+
+    def _setup_adapters(self):
+        """The adapters: from the --init-from file (its network replaces the config's), else injected fresh
+        with initial weights drawn from train.seed. Trainable parameters are fp32."""
+        from diffusers.training_utils import cast_training_params
+
+        from sdtrain.adapters.inject import inject_adapters
+        from sdtrain.adapters.spec import NetworkSpec
+
+        base, spec = self.base, NetworkSpec.from_config(self.cfg.network)
+        if self.init_from:
+            adapters = self._adapters_from_file(spec)
+        else:
+            device = self.accelerator.device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(self.cfg.train.seed)
+                adapters = inject_adapters(base.unet, base.text_encoders, base.arch, spec)
+        cast_training_params([base.unet, *base.text_encoders], dtype=torch.float32)
+        if adapters.report() != self.plan.network_report:  # the model or the file differs from the plan
+            self.say(adapters.report())
+        for warning in adapters.warnings:
+            if warning not in self.plan.warnings:  # the plan's own were printed with it
+                self.say(f"warning: {warning}")
+        return adapters
+
+    def _adapters_from_file(self, spec):
+        from sdtrain.export.adapter_file import adapters_from_file, load_adapter
+
+        base = self.base
+        adapters, report = adapters_from_file(load_adapter(self.init_from), base.unet, base.text_encoders,
+                                              base.arch, strict=False, detach_norm=spec.detach_norm)
+        file_spec = adapters.spec
+        changed = [f"{key} {getattr(spec, key)!r} -> {getattr(file_spec, key)!r}"
+                   for key in ("type", "rank", "alpha", "decompose_axis", "train_text_encoder")
+                   if getattr(spec, key) != getattr(file_spec, key)]
+        self.say(f"initialised from {self.init_from}: {len(report.restored)} modules, fresh optimizer state"
+                 + (f"; the file's network replaces the config's ({', '.join(changed)})" if changed else ""))
+        if report.unknown_in_network:
+            self.say(f"warning: {len(report.unknown_in_network)} modules of {self.init_from} have no layer in "
+                     f"this model and were skipped (e.g. {report.unknown_in_network[0]})")
+        return adapters
+
+    def _setup_training_modes(self) -> None:
+        """Gradient checkpointing and train/eval modes."""
+        base = self.base
+        if self.cfg.train.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             if self.train_te:
                 for encoder in base.text_encoders:
@@ -191,43 +243,45 @@ class Trainer:
         for encoder in base.text_encoders:
             encoder.train(self.train_te)
 
-        self._setup_caches()
-        self._setup_optimizer()
-
-    def _setup_caches(self) -> None:
-        from sdtrain.data.cache import LatentCache, TextEncoderCache, text_encoder_fingerprint, vae_fingerprint
-        from sdtrain.data.dataset import captions_to_cache, latent_items, latent_pixels
+    def _setup_latent_cache(self):
+        """The VAE latent cache with every planned latent in it (data.cache_latents), or None."""
+        from sdtrain.data.cache import LatentCache, vae_fingerprint
+        from sdtrain.data.dataset import latent_items, latent_pixels
         from sdtrain.train.batches import encode_pixels
 
-        cfg, accelerator, base = self.cfg, self.accelerator, self.base
-        cache_dir = Path(cfg.data.cache_dir)
-        self.latent_cache = None
-        self.vae_encodes = 0
-        if cfg.data.cache_latents:
-            cache = LatentCache(cache_dir / "latents", vae_fingerprint(base.vae))
-            items = latent_items(self.plan.dataset)
-            mine = items[accelerator.process_index::accelerator.num_processes]  # a fixed split: no races
+        cfg, accelerator, vae = self.cfg, self.accelerator, self.base.vae
+        if not cfg.data.cache_latents:
+            return None
+        cache = LatentCache(Path(cfg.data.cache_dir) / "latents", vae_fingerprint(vae))
+        items = latent_items(self.plan.dataset)
+        mine = items[accelerator.process_index::accelerator.num_processes]  # a fixed split: no races
 
-            def encode(chunk):
-                self.vae_encodes += len(chunk)
-                return encode_pixels(base.vae, torch.stack([latent_pixels(item) for item in chunk])).cpu()
+        def encode(chunk):
+            return encode_pixels(vae, torch.stack([latent_pixels(item) for item in chunk])).cpu()
 
-            encoded = cache.ensure(mine, encode, batch_size=max(1, cfg.train.batch_size))
-            accelerator.wait_for_everyone()
-            if accelerator.num_processes > 1:
-                encoded = int(accelerator.reduce(torch.tensor(encoded, device=accelerator.device), reduction="sum"))
-            self.say(f"latent cache: {len(items)} latents, {encoded} encoded now"
-                     + (" (all others reused)" if encoded < len(items) else ""))
-            self.latent_cache = cache
-        self.text_cache = None
-        if cfg.data.cache_text_encoder_outputs and not self.train_te:
-            cache = TextEncoderCache(cache_dir / "text", text_encoder_fingerprint(*base.text_encoders,
-                                                                                 extra=f"clip_skip={cfg.model.clip_skip}"))
-            captions = captions_to_cache(self.plan.dataset)
-            mine = captions[accelerator.process_index::accelerator.num_processes]
-            cache.ensure(mine, self._encode_for_cache)
-            accelerator.wait_for_everyone()
-            self.text_cache = cache
+        encoded = cache.ensure(mine, encode, batch_size=max(1, cfg.train.batch_size))
+        accelerator.wait_for_everyone()
+        if accelerator.num_processes > 1:
+            encoded = int(accelerator.reduce(torch.tensor(encoded, device=accelerator.device), reduction="sum"))
+        self.say(f"latent cache: {len(items)} latents, {encoded} encoded now"
+                 + (" (all others reused)" if encoded < len(items) else ""))
+        return cache
+
+    def _setup_text_cache(self):
+        """The text-encoder output cache with every planned caption in it (data.cache_text_encoder_outputs,
+        frozen text encoders), or None."""
+        from sdtrain.data.cache import TextEncoderCache, text_encoder_fingerprint
+        from sdtrain.data.dataset import captions_to_cache
+
+        cfg, accelerator = self.cfg, self.accelerator
+        if not cfg.data.cache_text_encoder_outputs or self.train_te:
+            return None
+        fingerprint = text_encoder_fingerprint(*self.base.text_encoders, extra=f"clip_skip={cfg.model.clip_skip}")
+        cache = TextEncoderCache(Path(cfg.data.cache_dir) / "text", fingerprint)
+        captions = captions_to_cache(self.plan.dataset)
+        cache.ensure(captions[accelerator.process_index::accelerator.num_processes], self._encode_for_cache)
+        accelerator.wait_for_everyone()
+        return cache
 
     def _encode_for_cache(self, captions: list[str]) -> dict[str, torch.Tensor]:
         cond = self.encode_text(captions)
@@ -236,37 +290,50 @@ class Trainer:
             out["pooled_embeds"] = cond.pooled_embeds.float().cpu()
         return out
 
-    def _setup_optimizer(self) -> None:
-        from sdtrain.train.optim import build_lr_scheduler, build_optimizer
+    def _setup_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over the adapters' parameter groups, each at its own learning rate."""
+        from sdtrain.train.optim import build_optimizer
 
-        cfg = self.cfg
+        opt = self.cfg.optimizer
         # per-group rates; the config resolver already filled unset ones from optimizer.lr
-        lrs = {"unet": cfg.optimizer.unet_lr, "te1": cfg.optimizer.text_encoder_lr,
-               "te2": cfg.optimizer.text_encoder_2_lr}
-        groups = self.adapters.param_groups(lrs)
+        groups = self.adapters.param_groups({"unet": opt.unet_lr, "te1": opt.text_encoder_lr,
+                                             "te2": opt.text_encoder_2_lr})
         self.trainable_params = [param for group in groups for param in group["params"]]  # clipped every step
-        optimizer = build_optimizer(groups, cfg.optimizer.type, cfg.optimizer.lr, cfg.optimizer.weight_decay,
-                                    cfg.optimizer.betas, cfg.optimizer.eps, cfg.optimizer.args)
-        self.lr_scheduler = build_lr_scheduler(optimizer, cfg.scheduler.type, cfg.scheduler.warmup_steps,
-                                               self.plan.total_steps, cfg.scheduler.num_cycles, cfg.scheduler.power)
-        models = [self.base.unet] + (list(self.base.text_encoders) if self.train_te else [])
-        prepared = self.accelerator.prepare(*models, optimizer)
-        self.models = list(prepared[:-1])
-        self.optimizer = prepared[-1]
-        self.unet = self.models[0]
-        from sdtrain.train.state import install_hooks
+        return build_optimizer(groups, opt.type, opt.lr, opt.weight_decay, opt.betas, opt.eps, opt.args)
 
-        install_hooks(self)
+    def _restore_state(self, folder: Path, info: dict) -> int:
+        """Load a training state into the prepared components; returns the step to continue from. The
+        optimizer keeps its saved state, while the config's learning rates and settings apply from here."""
+        from sdtrain.train.state import check_base, load_training_state
+
+        check_base(info, self.base.fingerprint)
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        self.adapters.load_trainable_state_dict(load_training_state(self.accelerator, folder))
+        for group, values in zip(self.optimizer.param_groups, settings):
+            group.update(values)
+        if info.get("last_adapter"):
+            self.last_save = Path(info["last_adapter"])
+        self.result.state = folder
+        step = int(info["global_step"])
+        self.say(f"resumed from {folder} at step {step}")
+        return step
+
+    def _setup_lr_scheduler(self, optimizer, start_step: int):
+        """diffusers' LR schedule over the planned steps, positioned at `start_step`."""
+        from sdtrain.train.optim import build_lr_scheduler
+
+        s = self.cfg.scheduler
+        return build_lr_scheduler(optimizer, s.type, s.warmup_steps, self.plan.total_steps, s.num_cycles, s.power,
+                                  start_step=start_step)
 
     # ------------------------------------------------------------------ one step
 
     def encode_text(self, captions: list[str]):
         from sdtrain.train.conditioning import encode_prompts
 
-        base = self.base
         with torch.set_grad_enabled(self.train_te and torch.is_grad_enabled()):
             with self.accelerator.autocast():
-                return encode_prompts(base.arch, base.tokenizers, base.text_encoders, captions,
+                return encode_prompts(self.base.arch, self.base.tokenizers, self.text_encoders, captions,
                                       clip_skip=self.cfg.model.clip_skip)
 
     def conditioning(self, captions: list[str]):
@@ -298,18 +365,18 @@ class Trainer:
         start = rank * base + min(rank, extra)
         return keys[start:start + base + (1 if rank < extra else 0)], start
 
-    def micro_step_loss(self, global_batch: int, keys, slot_offset: int = 0) -> torch.Tensor:
-        """Loss of this process's slice of one global batch (not yet divided by the accumulation count)."""
+    def micro_batch_loss(self, global_batch: int, keys, slot_offset: int = 0) -> torch.Tensor:
+        """Loss of this process's slice of one global batch."""
+        from diffusers.training_utils import compute_snr
+
         from sdtrain.train.batches import load_batch
         from sdtrain.train.conditioning import unet_added_cond_kwargs
-        from sdtrain.train.loss import (compute_snr, diffusion_loss, min_snr_weights, prediction_type_of,
-                                        sample_noise, sample_timesteps, training_target)
+        from sdtrain.train.loss import (diffusion_loss, min_snr_weights, prediction_type_of, sample_noise,
+                                        sample_timesteps, training_target)
 
         cfg, base, device = self.cfg, self.base, self.accelerator.device
         batch = load_batch(self.plan.dataset, keys, cfg.train.seed, latent_cache=self.latent_cache,
                            vae=base.vae if self.latent_cache is None else None)
-        if self.latent_cache is None:
-            self.vae_encodes += len(keys)
         latents = batch.latents.to(device)
         scheduler = base.noise_scheduler
         noises, timesteps = [], []
@@ -333,28 +400,29 @@ class Trainer:
         return diffusion_loss(pred, target, cfg.train.loss, cfg.train.huber_c, weights)
 
     def optimizer_step(self, step: int) -> float:
-        """One optimizer step over `accumulation` global batches; returns the mean loss over processes."""
+        """One optimizer step over `accumulation` global batches, accumulated by accelerate (the wrapped models
+        all-reduce only on the last one); returns the mean loss over micro-batches and processes."""
         plan, accelerator = self.plan, self.accelerator
         total = 0.0
+        self.last_grad_norm = None
         for a in range(plan.accumulation):
-            global_batch = plan.global_batch_index(step, a)
             epoch, index = plan.position(step, a)
             keys, slot_offset = self.process_slice(self.epoch_batches(epoch)[index])
-            self.result.seen.append((epoch, [key.record for key in keys]))
-            last = a == plan.accumulation - 1
-            context = accelerator.no_sync(self.unet) if not last and plan.processes > 1 else contextlib.nullcontext()
-            with context:
-                loss = self.micro_step_loss(global_batch, keys, slot_offset)
+            for callback in self.callbacks:
+                callback.on_batch(self, epoch, keys)
+            with accelerator.accumulate(*self.models):
+                if accelerator.sync_gradients != (a == plan.accumulation - 1):
+                    raise RuntimeError(f"accelerate's accumulation is out of step with the plan at step {step + 1}")
+                loss = self.micro_batch_loss(plan.global_batch_index(step, a), keys, slot_offset)
                 self.check_finite(loss, step)
-                accelerator.backward(loss / plan.accumulation)
+                accelerator.backward(loss)  # divided by the accumulation count
+                if accelerator.sync_gradients and self.cfg.train.max_grad_norm > 0:
+                    self.last_grad_norm = float(accelerator.clip_grad_norm_(self.trainable_params,
+                                                                           self.cfg.train.max_grad_norm))
+                self.optimizer.step()  # accelerate skips it until the last micro-batch
+                self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach().float().item()
-        grad_norm = None
-        if self.cfg.train.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(self.trainable_params, self.cfg.train.max_grad_norm)
-        self.optimizer.step()
         self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.last_grad_norm = float(grad_norm) if grad_norm is not None else None
         mean = total / plan.accumulation
         if plan.processes > 1:
             mean = accelerator.reduce(torch.tensor(mean, device=accelerator.device), reduction="mean").item()
@@ -363,12 +431,11 @@ class Trainer:
     def epoch_batches(self, epoch: int):
         from sdtrain.data.dataset import PlannedBatches
 
-        cache = getattr(self, "_epoch_cache", None)
-        if cache is None or cache[0] != epoch:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             batches = list(PlannedBatches(self.plan.dataset.records, self.plan.global_batch_size, self.cfg.train.seed,
                                           epoch))
-            self._epoch_cache = cache = (epoch, batches)
-        return cache[1]
+            self._epoch_cache = (epoch, batches)
+        return self._epoch_cache[1]
 
     def check_finite(self, loss: torch.Tensor, step: int) -> None:
         if torch.isfinite(loss).all():
@@ -412,7 +479,8 @@ class Trainer:
         if not self.is_main:
             return None
         path = self.adapter_path(None if final else step)
-        save_adapter(self.adapters, path, dtype=self.cfg.save.dtype, metadata=self.metadata(step))
+        save_adapter(self.adapters, path, dtype=self.cfg.save.dtype, metadata=self.metadata(step),
+                     target=self.cfg.save.target)
         self.last_save = path
         self.result.saved.append(path)
         if not final and self.cfg.save.keep_last:
@@ -421,15 +489,27 @@ class Trainer:
                 old.unlink(missing_ok=True)
         return path
 
+    def save_state(self) -> Path:
+        """A training state at the current step (see `sdtrain.train.state`); keeps the newest
+        save.keep_last_states."""
+        from sdtrain.train.state import save_training_state, state_info
+
+        if self.state_step == self.global_step:  # a stop right after a periodic state: it is this one
+            return self.result.state
+        info = state_info(self.cfg, self.plan, self.global_step, self.base.fingerprint, self.last_save)
+        path = save_training_state(self.accelerator, self.output_dir, adapter_state=self.adapters.trainable_state_dict(),
+                                   info=info, keep_last=self.cfg.save.keep_last_states)
+        self.result.state, self.state_step = path, self.global_step
+        return path
+
     def sample(self, step: int) -> None:
         from sdtrain.config import parse_prompt_line
+        from sdtrain.train.plan import resolution_of
         from sdtrain.train.sampling import sample_images
 
         self.accelerator.wait_for_everyone()
         if not self.is_main or not self.cfg.sample.prompts:
             return
-        from sdtrain.train.plan import resolution_of
-
         cfg, base = self.cfg, self.base
         width, height = resolution_of(cfg, self.arch)
         defaults = {"steps": cfg.sample.steps, "cfg": cfg.sample.cfg_scale, "seed": cfg.sample.seed,
@@ -447,57 +527,72 @@ class Trainer:
         self.result.samples.extend(paths)
 
     def verify_final(self, path: Path) -> str:
-        if not self.cfg.save.verify_targets or not self.is_main:
+        if self.cfg.save.targets == [] or not self.is_main:
             return ""
         from sdtrain.export.verify import verify_saved_adapter
 
-        report = verify_saved_adapter(path, self.adapters, targets=self.cfg.save.verify_targets)
+        report = verify_saved_adapter(path, self.adapters, targets=self.cfg.save.targets,
+                                      base_label=str(self.cfg.model.path))
         self.result.verify_report = report
         return report.format() if hasattr(report, "format") else str(report)
 
     # ------------------------------------------------------------------ the run
 
+    def request_stop(self, reason: str, exit_code: int = 1) -> None:
+        """Stop after the current optimizer step, as Ctrl+C does: save a state and the adapter so far, then
+        raise `TrainingInterrupted` with `exit_code`."""
+        self.stop.request(reason, exit_code)
+
     def run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
-        cfg, accelerator, plan = self.cfg, self.accelerator, self.plan
-        self.started = time.time()
-        if not getattr(self, "adapters", None):
-            self.setup()
-        if self.resume:
-            from sdtrain.train.state import load_training_state
+        from sdtrain.train.logs import LossLog, tracker_hyperparameters
 
-            self.global_step = load_training_state(self, self.resume)
-            self.say(f"resumed at step {self.global_step}")
+        self.started = time.time()
+        if self.base is None and self.finished_state is None:
+            self.setup()
+        if self.finished_state is not None:
+            self.result.steps = self.global_step = int(self.finished_state[1]["global_step"])
+            self.result.state = self.finished_state[0]
+            final = self.adapter_path(None)
+            self.result.final_adapter = final if final.is_file() else None
+            return self.result
+        cfg, accelerator, plan = self.cfg, self.accelerator, self.plan
         self.loss_log = LossLog(self.output_dir / "loss_log.csv", keep_until=self.global_step, enabled=self.is_main)
         if cfg.log.tensorboard:
-            accelerator.init_trackers("sdtrain")
+            accelerator.init_trackers("sdtrain", config=tracker_hyperparameters(cfg))
         bar = tqdm(total=plan.total_steps, initial=self.global_step, disable=not self.is_main or self.quiet,
                    desc="training", dynamic_ncols=True)
-        per_epoch = plan.steps_per_epoch
         try:
-            while self.global_step < plan.total_steps:
-                step = self.global_step
-                loss = self.optimizer_step(step)
-                self.global_step = step + 1
-                self.result.losses.append(loss)
-                lr = self.lr_scheduler.get_last_lr()[0]
-                self.loss_log.write(self.global_step, loss, lr)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if cfg.log.tensorboard and self.global_step % cfg.log.log_every_n_steps == 0:
-                    values = {"loss": loss, "lr": lr}
-                    if self.last_grad_norm is not None:
-                        values["grad_norm"] = self.last_grad_norm
-                    accelerator.log(values, step=self.global_step)
-                self.after_step(per_epoch)
+            with self.stop:
+                while self.global_step < plan.total_steps:
+                    loss = self.optimizer_step(self.global_step)
+                    self.global_step += 1
+                    self.result.losses.append(loss)
+                    lr = self.lr_scheduler.get_last_lr()[0]
+                    self.loss_log.write(self.global_step, loss, lr)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    if cfg.log.tensorboard and self.global_step % cfg.log.log_every_n_steps == 0:
+                        values = {"loss": loss, "lr": lr}
+                        if self.last_grad_norm is not None:
+                            values["grad_norm"] = self.last_grad_norm
+                        accelerator.log(values, step=self.global_step)
+                    self.after_step()
+                    for callback in self.callbacks:
+                        callback.on_step_end(self, self.global_step, loss)
+                    if self.stop_agreed():
+                        break
         except KeyboardInterrupt:
             bar.close()
-            self.on_interrupt()
+            self.say(self.abandoned_message())
             raise
         bar.close()
+        if self.global_step < plan.total_steps:
+            self.stop_and_save()
         self.check_replicas_agree()
         final = self.save_adapter(self.global_step, final=True)
+        self.save_state()
         self.result.final_adapter = final
         self.result.steps = self.global_step
         skipped = self.plan.dataset.skipped
@@ -514,6 +609,53 @@ class Trainer:
             accelerator.end_training()
         return self.result
 
+    def after_step(self) -> None:
+        """Saves, samples and states due after the step just taken (the end of the run saves its own)."""
+        cfg, step = self.cfg, self.global_step
+        done = step >= self.plan.total_steps
+        if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and not done:
+            self.save_adapter(step)
+        if cfg.save.every_n_epochs and not done:
+            per_epoch = self.plan.steps_per_epoch
+            epoch_before = math.floor((step - 1) / per_epoch)
+            if math.floor(step / per_epoch) > epoch_before and (epoch_before + 1) % cfg.save.every_n_epochs == 0:
+                self.save_adapter(step)
+        if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0:
+            self.sample(step)
+        if cfg.save.state_every_n_steps and step % cfg.save.state_every_n_steps == 0 and not done:
+            self.save_state()
+
+    def stop_agreed(self) -> bool:
+        """Whether a stop was asked for, in any process (they all stop after the same step)."""
+        asked = self.stop.reason is not None
+        if self.plan.processes > 1:
+            flag = torch.tensor(float(asked), device=self.accelerator.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() > 0 and not asked:
+                self.stop.request("a stop in another process", 1)
+                asked = True
+        return asked
+
+    def stop_and_save(self) -> None:
+        """Save a training state and the adapter so far, then raise TrainingInterrupted saying how to continue."""
+        state = self.save_state()
+        adapter = self.save_adapter(self.global_step)
+        how = self.resume_command()
+        if self.plan.processes > 1:
+            how += f"  (launched the same way, with {self.plan.processes} processes)"
+        raise TrainingInterrupted(
+            f"stopped by {self.stop.reason} after step {self.global_step} of {self.plan.total_steps}; training "
+            f"state saved to {state}" + (f", the adapter so far to {adapter}" if adapter else "")
+            + f". Continue with:\n  {how}", self.stop.exit_code)
+
+    def abandoned_message(self) -> str:
+        from sdtrain.train.state import complete_states, states_root
+
+        states = complete_states(states_root(self.output_dir))[0]
+        if not states:
+            return f"stopped during step {self.global_step + 1} without saving; no training state was written yet"
+        return (f"stopped during step {self.global_step + 1} without saving; the newest training state is "
+                f"{states[-1]}. Continue with:\n  {self.resume_command()}")
+
     def check_replicas_agree(self) -> None:
         """With several processes, every process must hold the same adapter weights at the end."""
         if self.plan.processes == 1:
@@ -527,61 +669,14 @@ class Trainer:
                                         f"{every.tolist()}): gradients were not synchronised")
         self.say(f"all {self.plan.processes} processes hold identical adapter weights (checksum {every[0]:.10g})")
 
-    def after_step(self, steps_per_epoch: float) -> None:
-        cfg, step = self.cfg, self.global_step
-        done = step >= self.plan.total_steps
-        if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and not done:
-            self.save_adapter(step)
-        if cfg.save.every_n_epochs and not done:
-            epoch_before = math.floor((step - 1) / steps_per_epoch)
-            if math.floor(step / steps_per_epoch) > epoch_before and (epoch_before + 1) % cfg.save.every_n_epochs == 0:
-                self.save_adapter(step)
-        if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0:
-            self.sample(step)
-        if cfg.save.state_every_n_steps and (step % cfg.save.state_every_n_steps == 0 or done):
-            from sdtrain.train.state import save_training_state
-
-            save_training_state(self)
-
-    def on_interrupt(self) -> None:
-        """Ctrl+C: save a resumable state (when states are on) and the adapter so far."""
-        if self.global_step == 0:
-            return
-        if self.cfg.save.state_every_n_steps:
-            from sdtrain.train.state import save_training_state
-
-            path = save_training_state(self)
-            self.say(f"interrupted at step {self.global_step}; state saved to {path} (resume with --resume latest)")
-        saved = self.save_adapter(self.global_step)
-        self.say(f"adapter so far saved to {saved}")
-
-
-class LossLog:
-    """`loss_log.csv`: step, loss, learning rate per optimizer step; a resumed run keeps the rows up to its
-    start step and continues the file, so an interrupted and resumed run leaves the same log as a straight one."""
-
-    def __init__(self, path: Path, keep_until: int = 0, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        kept = []
-        if keep_until and path.is_file():
-            kept = [line for line in path.read_text().splitlines()[1:] if int(line.split(",")[0]) <= keep_until]
-        path.write_text("step,loss,lr\n" + "".join(line + "\n" for line in kept))
-
-    def write(self, step: int, loss: float, lr: float) -> None:
-        if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(f"{step},{loss!r},{lr!r}\n")
-
 
 def train(cfg, *, dry_run: bool = False, resume: str | None = None, init_from: str | None = None,
-          quiet: bool = False) -> TrainResult | TrainingPlan:
+          quiet: bool = False, continue_command: str | None = None) -> TrainResult | TrainingPlan:
     """Run (or, with dry_run, only plan and describe) a training run."""
     if dry_run:
         plan = make_plan(cfg)
         print(describe_plan(plan, cfg))
         return plan
-    trainer = Trainer(cfg, resume=resume, init_from=init_from, quiet=quiet)
+    trainer = Trainer(cfg, resume=resume, init_from=init_from, quiet=quiet, continue_command=continue_command)
     trainer.say(describe_plan(trainer.plan, cfg))
     return trainer.run()

@@ -4,15 +4,20 @@ Use a `DDPMScheduler` built from the model's scheduler config (`training_noise_s
 targets and SNR: the samplers' schedulers (Euler, PNDM) add noise in a different parameterisation.
 
 Min-SNR weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"):
-SNR(t) = ᾱ_t / (1 - ᾱ_t); the loss weight of an ε-prediction is min(SNR, γ) / SNR and of a v-prediction
-min(SNR, γ) / (SNR + 1).
+SNR(t) = ᾱ_t / (1 - ᾱ_t) (diffusers' `training_utils.compute_snr`); the loss weight of an ε-prediction is
+min(SNR, γ) / SNR and of a v-prediction min(SNR, γ) / (SNR + 1).
+
+The config schema takes `LOSS_KINDS` from here, so torch is imported where it is used.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from sdtrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 LOSS_KINDS = ("l2", "l1", "huber")
 
@@ -26,6 +31,8 @@ def training_noise_scheduler(scheduler_config):
 
 def _randn(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
     """Standard normal noise drawn on the generator's device, returned on `like`'s device and dtype."""
+    import torch
+
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device, like.dtype)
 
@@ -52,6 +59,8 @@ def sample_timesteps(
     if not 0 <= min_timestep < max_timestep <= num_train_timesteps:
         raise ConfigError(f"train.min_timestep = {min_timestep} and train.max_timestep = {max_timestep} must satisfy "
                           f"0 <= min_timestep < max_timestep <= {num_train_timesteps}")
+    import torch
+
     gen_device = generator.device if generator is not None else "cpu"
     t = torch.randint(min_timestep, max_timestep, (batch,), generator=generator, device=gen_device)
     return t.to(device) if device is not None else t
@@ -73,17 +82,11 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
     return scheduler.get_velocity(latents, noise, timesteps)
 
 
-def compute_snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) per timestep (float32, on the timesteps' device)."""
-    acp = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
-    return acp / (1.0 - acp)
-
-
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str = "epsilon") -> torch.Tensor:
     """Per-sample Min-SNR-γ loss weights; all ones when `gamma` is 0 (off)."""
     if gamma <= 0:
-        return torch.ones_like(snr)
-    clipped = torch.clamp(snr, max=gamma)
+        return snr.new_ones(snr.shape)
+    clipped = snr.clamp(max=gamma)
     if prediction_type == "epsilon":
         return clipped / snr
     if prediction_type == "v_prediction":
@@ -104,10 +107,10 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", h
     elif kind == "l1":
         elementwise = diff.abs()
     elif kind == "huber":
-        elementwise = 2 * huber_c * (torch.sqrt(diff.square() + huber_c**2) - huber_c)
+        elementwise = 2 * huber_c * ((diff.square() + huber_c**2).sqrt() - huber_c)
     else:
         raise ConfigError(f"train.loss = {kind!r} is not supported; use one of {', '.join(LOSS_KINDS)}")
     per_sample = elementwise.flatten(1).mean(dim=1)
     if weights is not None:
-        per_sample = per_sample * weights.to(per_sample.device, torch.float32)
+        per_sample = per_sample * weights.to(per_sample)
     return per_sample.mean()

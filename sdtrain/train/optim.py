@@ -16,14 +16,15 @@ optimizer step.
 from __future__ import annotations
 
 import inspect
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sdtrain.errors import ConfigError, UserError
 
 OPTIMIZER_TYPES = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Adafactor", "Prodigy", "SGD")
 SCHEDULER_TYPES = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+
+if TYPE_CHECKING:
+    import torch
 
 # Keys set from their own config entries; `optimizer.args` may not set them again.
 _OWN_KEYS = {"params": "the parameter groups", "lr": "optimizer.lr", "weight_decay": "optimizer.weight_decay"}
@@ -31,6 +32,8 @@ _OWN_KEYS = {"params": "the parameter groups", "lr": "optimizer.lr", "weight_dec
 
 def optimizer_class(type: str):
     """The optimizer class for a config `optimizer.type`."""
+    import torch
+
     if type == "AdamW":
         return torch.optim.AdamW
     if type == "SGD":
@@ -127,9 +130,14 @@ def build_lr_scheduler(
     total_steps: int | None = None,
     num_cycles: int = 1,
     power: float = 1.0,
+    start_step: int = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A diffusers LR schedule over `total_steps` optimizer steps (`num_cycles`: cosine_with_restarts only;
-    `power`: polynomial only, which decays to 1e-7 × group lr / optimizer.lr)."""
+    `power`: polynomial only, which decays to 1e-7 × group lr / optimizer.lr).
+
+    The groups' `lr` are the base rates. With `start_step` (a resumed run) the schedule starts at that step:
+    the rates are the base rates times the schedule's factor there, as in a run that took those steps.
+    """
     from diffusers.optimization import get_scheduler
 
     if type not in SCHEDULER_TYPES:
@@ -139,8 +147,11 @@ def build_lr_scheduler(
                           "use 'constant_with_warmup' or set scheduler.warmup_steps = 0")
     if type not in ("constant", "constant_with_warmup") and not total_steps:
         raise ValueError(f"scheduler {type!r} needs total_steps")
+    if start_step:
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
     try:
         return get_scheduler(type, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
-                             num_cycles=num_cycles, power=power)
+                             num_cycles=num_cycles, power=power, last_epoch=start_step - 1)
     except ValueError as error:
         raise ConfigError(f"scheduler.type = {type!r}: {error}") from error

@@ -17,13 +17,12 @@ import math
 import random
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from sdtrain.errors import ConfigError
-from sdtrain.train.conditioning import encode_prompts
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",
@@ -49,6 +48,9 @@ def sampler_scheduler(sampler: str, scheduler_config):
 @contextmanager
 def preserved_rng_state():
     """Restore the torch (CPU, CUDA), numpy and Python random states on exit."""
+    import numpy as np
+    import torch
+
     torch_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     numpy_state = np.random.get_state()
@@ -126,6 +128,10 @@ def _full_prompt(prompt: dict, arch: str) -> dict:
 
 
 def _encode(arch, tokenizers, text_encoders, text, clip_skip, zero: bool):
+    import torch
+
+    from sdtrain.train.conditioning import encode_prompts
+
     cond = encode_prompts(arch, tokenizers, text_encoders, [text], clip_skip=clip_skip)
     if zero:
         cond.prompt_embeds = torch.zeros_like(cond.prompt_embeds)
@@ -154,6 +160,8 @@ def sample_images(
     `device`: where to run (modules elsewhere, e.g. a VAE kept on CPU, are moved there and back); None runs
     where the modules are. Returns the individual image paths, then the grid path.
     """
+    import torch
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     modules = [unet, vae, *text_encoders]

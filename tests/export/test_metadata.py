@@ -114,3 +114,74 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["ss_output_name"] == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+# ---------------------------------------------------------------- no local paths in shared files
+
+
+def test_shareable_path():
+    from sdtrain.export.metadata import shareable_path
+
+    assert shareable_path("/home/user/project/data/char", "/home/user/project") == "data/char"
+    assert shareable_path("/home/user/project/", "/home/user/project") == "."
+    assert shareable_path("/home/user/other/char/", "/home/user/project") == "char"
+    assert shareable_path("/home/user/projectX/char", "/home/user/project") == "char"  # not inside, only a prefix
+    assert shareable_path("/home/user/models/sdxl.safetensors") == "sdxl.safetensors"
+    assert shareable_path("~/models/sd15") == "sd15"
+    assert shareable_path("C:\\Users\\me\\models\\sd15.safetensors", "/home/user") == "sd15.safetensors"
+    assert shareable_path("\\\\server\\share\\data") == "data"
+    for kept in ("stabilityai/stable-diffusion-xl-base-1.0", "builtin:tiny-sdxl", "relative/path", ""):
+        assert shareable_path(kept, "/home/user") == kept
+
+
+def string_values(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from string_values(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from string_values(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_config_metadata_has_no_absolute_paths(tmp_path):
+    from helpers_training import write_config
+    from sdtrain.config import config_to_dict, load_config
+
+    cfg = load_config(write_config(tmp_path, "run", steps=1))
+    config = config_to_dict(cfg)
+    assert config["data"]["subsets"][0]["path"] == str(tmp_path / "data")  # resolved: absolute
+
+    meta = build_metadata("sdxl", spec(), output_name="run", config=config, base_model_name=str(tmp_path / "m.ckpt"))
+    recorded = json.loads(meta["sdtrain_config"])
+    assert recorded["data"]["subsets"][0]["path"] == "data" and recorded["train"]["output_dir"] == "run"
+    assert recorded["data"]["cache_dir"] == "cache" and recorded["log"]["log_dir"] == "logs"
+    assert meta["ss_sd_model_name"] == "m.ckpt" and recorded["model"]["path"] == "builtin:tiny-sdxl"
+    assert not any(value.startswith("/") for value in string_values(recorded))
+    assert not any(str(tmp_path) in value for value in meta.values())
+    # everything else is kept
+    assert recorded["network"]["rank"] == 4 and recorded["data"]["subsets"][0]["caption_dropout"] == 0.2
+
+    relative = json.loads(build_metadata("sdxl", spec(), output_name="run", config=config,
+                                         config_dir=tmp_path.parent)["sdtrain_config"])
+    assert relative["data"]["subsets"][0]["path"] == f"{tmp_path.name}/data"
+
+
+def test_trained_adapter_metadata_has_no_absolute_paths(tmp_path, capsys):
+    """Through the trainer: a local base model folder, dataset, cache and output folders under tmp_path."""
+    from helpers_training import write_config
+    from sdtrain.cli import main
+    from sdtrain.models.tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline("sdxl", tmp_path / "models" / "tiny-base")
+    config = write_config(tmp_path, "run", steps=1, extra="[sample]\nevery_n_steps = 0")
+    assert main(["train", config, "--quiet", "--set", f"model.path={model}"]) == 0
+    with safe_open(str(tmp_path / "run" / "run.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_sd_model_name"] == "tiny-base"
+    recorded = json.loads(meta["sdtrain_config"])
+    assert recorded["model"]["path"] == "tiny-base" and recorded["data"]["subsets"][0]["path"] == "data"
+    home = os.path.expanduser("~")
+    local = [str(tmp_path)] + ([home + "/"] if home not in ("", "/") else [])
+    assert not [(key, value) for key, value in meta.items() if any(path in value for path in local)]

@@ -1,7 +1,9 @@
 """UI merge-rule replays vs sdtrain's merged weights and vs naive per-channel formulas written here.
 
-The naive references loop over channels in float64 and follow the rules as the issue states them
-(alpha/rank before the decomposition, which norm each loader divides by, where strength enters).
+The naive references loop over channels in float64 and follow the rules as the loaders' code has them
+(alpha/rank before the decomposition, which norm each loader divides by, where strength enters). That the
+replays equal the loaders' own code (ComfyUI a125cd84 / v0.3.64, Forge dfdcbab6, A1111 82a973c0 / v1.10.1,
+LyCORIS f49d30d6) is checked by tests/integrations/test_real_loaders.py when the checkouts are at hand.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ FP32_RULES = {
     "lycoris": ui_rules.lycoris,
     "a1111_110_fp32": lambda *a, **k: ui_rules.a1111_110(*a, compute_dtype=torch.float32, **k),
 }
+INPUT_AXIS_RULES = {name: rule for name, rule in FP32_RULES.items() if name != "lycoris"}
 
 
 @pytest.fixture(autouse=True)
@@ -75,11 +78,11 @@ def apply(rule, module, tensors, strength=1.0):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("name", list(FP32_RULES) + ["comfyui_current"])
+@pytest.mark.parametrize("name", list(INPUT_AXIS_RULES) + ["comfyui_current"])
 def test_input_axis_rebuilds_are_exact(kind, name):
     module = trained(kind, "input")
     tensors = as_file(module)
-    rule = FP32_RULES.get(name, ui_rules.comfyui_current)
+    rule = INPUT_AXIS_RULES.get(name, ui_rules.comfyui_current)
     ours = module.merged_weight()
     assert rel(apply(rule, module, tensors), ours) <= EXACT
     reference = naive_merge(module.original_weight(), module.lora_down.weight, module.lora_up.weight,
@@ -122,6 +125,10 @@ def test_strength(axis):
     if axis == "input":
         a1111 = apply(lambda *a: ui_rules.a1111_110(*a, compute_dtype=torch.float32), module, tensors, 0.6)
         assert rel(a1111, ours) <= EXACT
+    if axis == "input":
+        with pytest.raises(RuntimeError):  # LyCORIS builds an output-axis module: [1, in] does not fit [out, 1]
+            apply(ui_rules.lycoris, module, tensors, 0.6)
+        return
     # LyCORIS scales the magnitude ratio instead: V·(k·(m/‖V‖ − 1) + 1)
     w0 = module.original_weight().double()
     v = w0 + module.delta_weight().double()
@@ -180,8 +187,14 @@ def test_plain_lora_and_diffusers_rule():
     assert rel(plain, dora.original_weight() + dora.delta_weight()) <= EXACT
 
 
-def test_lycoris_axis_from_shape():
-    assert ui_rules.lycoris_axis(torch.ones(40, 1), (40, 24)) == "output"
-    assert ui_rules.lycoris_axis(torch.ones(1, 24), (40, 24)) == "input"
-    assert ui_rules.lycoris_axis(torch.ones(24, 1, 1, 1), (24, 16, 3, 3)) == "output"
-    assert ui_rules.lycoris_axis(torch.ones(1, 16, 1, 1), (24, 16, 3, 3)) == "input"
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_lycoris_refuses_input_axis_files(kind):
+    """The package copies dora_scale into an [out, 1, ...] parameter: an input-axis one raises, as does a 1-D one."""
+    module = trained(kind, "input")
+    tensors = as_file(module)
+    with pytest.raises(RuntimeError):
+        apply(ui_rules.lycoris, module, tensors)
+    output = trained(kind, "output")
+    flat = as_file(output).dora_scale.flatten()
+    with pytest.raises(RuntimeError):
+        ui_rules.lycoris(output.original_weight(), output.lora_down.weight, output.lora_up.weight, output.alpha, flat)

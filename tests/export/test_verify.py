@@ -26,14 +26,14 @@ def base_of(pipe, arch):
     return types.SimpleNamespace(arch=arch, unet=pipe.unet, text_encoders=encoders(pipe), source=f"tiny {arch}")
 
 
-def adapter_path(tmp_path, arch, axis, preset="attn-mlp", include=(CONVS,)):
+def adapter_path(tmp_path, arch, axis, preset="attn-mlp", include=(CONVS,), target=None):
     pipe = build_tiny_pipeline(arch, seed=0)
     spec = NetworkSpec(rank=4, alpha=3.0, decompose_axis=axis, preset=preset, include=list(include),
                        train_text_encoder=True)
     adapters = inject_adapters(pipe.unet, encoders(pipe), arch, spec)
     torch.manual_seed(2)
     randomize(adapters.modules.values(), up_std=0.02, magnitude_spread=0.05)
-    path = save_adapter(adapters, tmp_path / f"{arch}_{axis}.safetensors", dtype="fp32",
+    path = save_adapter(adapters, tmp_path / f"{arch}_{axis}_{target}.safetensors", dtype="fp32", target=target,
                         metadata=build_metadata(arch, spec, output_name=f"{arch}_{axis}"))
     return path, adapters
 
@@ -45,31 +45,41 @@ def test_input_axis_exact_everywhere(tmp_path, arch):
     kinds = module_kinds(adapter_file)
     assert {("unet", "linear"), ("unet", "conv3x3"), ("te1", "linear")} <= kinds
     assert ("unet", "conv1x1") in kinds if arch == "sd15" else ("te2", "linear") in kinds
-    report = verify_adapter(adapter_file, base_of(build_tiny_pipeline(arch, seed=0), arch), targets=["comfyui", "a1111"])
+    report = verify_adapter(adapter_file, base_of(build_tiny_pipeline(arch, seed=0), arch),
+                            targets=["comfyui", "forge", "a1111"])
     print(report.format())
-    for target in ("comfyui", "comfyui-fixed", "lycoris"):
+    for target in ("comfyui", "forge", "comfyui-fixed"):
         result = report.result(target)
         assert result.verdict == "exact" and result.max_rel_error <= 1e-6, target
         assert (result.matched, result.unmatched) == (len(adapter_file.modules), 0)
     a1111 = report.result("a1111")
     assert a1111.verdict == "exact" and 0 < a1111.max_rel_error <= 4e-3  # fp16 rounding, reported
     assert report.result("diffusers").verdict == "incompatible"  # magnitudes dropped
+    lycoris = report.result("lycoris")  # the package refuses input-axis files
+    assert lycoris.verdict == "incompatible" and lycoris.failures and "output-axis modules only" in lycoris.remedy
     assert report.exit_code() == 0
+    assert "exact in: comfyui, forge, comfyui-fixed, a1111, a1111-1.9" in report.format()
 
 
 def test_output_axis_verdicts(tmp_path):
+    """A file that records no target holds the magnitude: exact in LyCORIS, off in today's ComfyUI and Forge."""
     path, _ = adapter_path(tmp_path, "sdxl", "output")
     report = verify_adapter(path, base_of(build_tiny_pipeline("sdxl", seed=0), "sdxl"))
-    print(report.format())
+    text = report.format()
+    print(text)
+    assert report.requested == ["comfyui"]  # no target recorded: ComfyUI
     assert report.result("lycoris").verdict == "exact" and report.result("lycoris").max_rel_error <= 1e-6
     assert report.result("comfyui-fixed").verdict == "exact"
-    current = report.result("comfyui")
-    assert current.verdict == "approximate" and current.max_rel_error > 1e-4
-    assert "decompose_axis" in current.remedy
+    for name in ("comfyui", "forge"):
+        current = report.result(name)
+        assert current.verdict == "approximate" and current.max_rel_error > 1e-4
+        assert f"--target {name}" in current.remedy and "install-" in current.remedy
     a1111 = report.result("a1111")
-    assert a1111.verdict == "incompatible" and 'decompose_axis = "input"' in a1111.remedy
-    assert report.incompatible_requested() == ["a1111"] and report.exit_code() == 1
-    assert "incompatible with a1111" in report.format()
+    assert a1111.verdict == "incompatible" and "sdtrain install-webui" in a1111.remedy
+    assert 'decompose_axis = "input"' in a1111.remedy
+    assert report.not_exact_requested() == ["comfyui"] and report.exit_code() == 1
+    assert "exact in: comfyui-fixed, lycoris" in text and "result: NOT exact in comfyui (requested)" in text
+    assert f"sdtrain export {path} --base tiny sdxl --target comfyui" in text
 
 
 def test_wrong_base_is_incompatible(tmp_path):

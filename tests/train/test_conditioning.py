@@ -10,16 +10,6 @@ PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at dusk, dramati
 LONG = " ".join(["a very long prompt about many red and blue things"] * 12)
 
 
-@pytest.fixture(scope="module")
-def sd15():
-    return build_tiny_pipeline("sd15", seed=0)
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return build_tiny_pipeline("sdxl", seed=0)
-
-
 def _sd15_reference(pipe, prompts, diffusers_clip_skip=None):
     te = pipe.text_encoder
     # diffusers' SD pipeline reads `text_encoder.text_model.final_layer_norm`, which transformers 5 flattened away;

@@ -3,9 +3,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers.training_utils import compute_snr
 
 from sdtrain.errors import ConfigError
-from sdtrain.train.loss import (compute_snr, diffusion_loss, min_snr_weights, sample_noise, sample_timesteps,
+from sdtrain.train.loss import (diffusion_loss, min_snr_weights, sample_noise, sample_timesteps,
                                 training_noise_scheduler, training_target)
 
 
@@ -21,7 +22,8 @@ def _alphas_cumprod_numpy():
     return np.cumprod(1.0 - betas)
 
 
-def test_snr_matches_betas_computed_here(scheduler):
+def test_diffusers_snr_matches_betas_computed_here(scheduler):
+    """The trainer's min-SNR weights take diffusers' compute_snr: check it against the schedule computed here."""
     acp = _alphas_cumprod_numpy()
     t = torch.tensor([0, 10, 250, 500, 999])
     expected = acp[t.numpy()] / (1 - acp[t.numpy()])

@@ -6,18 +6,7 @@ import torch
 from PIL import Image
 
 from sdtrain.errors import ConfigError
-from sdtrain.models.tiny import build_tiny_pipeline
 from sdtrain.train.sampling import preserved_rng_state, sample_images, sampler_scheduler
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return build_tiny_pipeline("sd15", seed=0)
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return build_tiny_pipeline("sdxl", seed=0)
 
 
 def _components(pipe):

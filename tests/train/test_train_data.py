@@ -25,14 +25,18 @@ def test_hostile_dataset_trains_to_the_end(tmp_path, capsys):
         assert name not in tail
 
 
-def test_second_run_encodes_nothing_and_changed_image_is_reencoded(tmp_path):
+def test_second_run_encodes_nothing_and_changed_image_is_reencoded(tmp_path, monkeypatch):
+    import sdtrain.train.batches as batches
+
     config = write_config(tmp_path, "cache", steps=1)
+    encoded = []
+    original = batches.encode_pixels
+    monkeypatch.setattr(batches, "encode_pixels", lambda vae, pixels: encoded.append(len(pixels)) or original(vae, pixels))
 
     def encodes(name):
-        cfg = load_config(config, [f"train.output_dir={tmp_path / name}"])
-        trainer = Trainer(cfg, quiet=True)
-        trainer.run()
-        return trainer.vae_encodes
+        encoded.clear()
+        Trainer(load_config(config, [f"train.output_dir={tmp_path / name}"]), quiet=True).run()
+        return sum(encoded)
 
     assert encodes("first") == 8  # 4 images, each plain and flipped
     assert encodes("second") == 0

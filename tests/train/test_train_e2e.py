@@ -6,73 +6,32 @@ import json
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 
+from helpers_training import write_config
 from sdtrain.cli import main
 from sdtrain.config import load_config
 from sdtrain.train.loop import Trainer
 
 
-def make_dataset(folder, count=4, size=64):
-    """A learnable dataset: flat-coloured images, one caption each."""
-    folder.mkdir(parents=True)
-    colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 240, 240)]
-    names = ["red", "blue", "green", "white"]
-    for i in range(count):
-        Image.new("RGB", (size, size), colours[i % 4]).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"a {names[i % 4]} square, flat colour")
-    return folder
+# DoRA on attention, feed-forward and ResNet convolutions and on the text encoders; samples, TensorBoard, verify.
+E2E = ["network.preset=full", "network.alpha=4", "network.train_text_encoder=true", "optimizer.lr=3e-3",
+       "optimizer.text_encoder_lr=1e-3", "train.batch_size=2", "train.seed=1", "train.min_timestep=500",
+       "train.max_timestep=700", "sample.every_n_steps=30", "sample.steps=2",
+       'sample.prompts=["a red square --w 64 --h 64 --d 3"]', "log.tensorboard=true", "log.log_every_n_steps=5",
+       "data.subsets.0.shuffle_tags=false", "data.subsets.0.caption_dropout=0.0", "data.subsets.0.flip=false",
+       'save.targets=["comfyui", "forge"]', "save.dtype=fp16", "save.state_every_n_steps=0"]
 
 
-def write_config(tmp_path, arch: str, steps: int = 30, extra: str = "") -> str:
-    data = make_dataset(tmp_path / "data")
-    text = f"""
-[model]
-path = "builtin:tiny-{arch}"
-[data]
-resolution = 64
-min_bucket_side = 64
-max_bucket_side = 128
-num_workers = 0
-[[data.subsets]]
-path = "{data}"
-[network]
-type = "dora"
-rank = 4
-alpha = 4
-preset = "full"
-train_text_encoder = true
-[optimizer]
-type = "AdamW8bit"
-lr = 3e-3
-text_encoder_lr = 1e-3
-[train]
-max_steps = {steps}
-batch_size = 2
-mixed_precision = "no"
-seed = 1
-min_timestep = 500
-max_timestep = 700
-output_dir = "{tmp_path / 'out'}"
-output_name = "e2e"
-[sample]
-every_n_steps = {steps}
-steps = 2
-prompts = ["a red square --w 64 --h 64 --d 3"]
-[log]
-tensorboard = true
-log_every_n_steps = 5
-{extra}
-"""
-    path = tmp_path / "config.toml"
-    path.write_text(text)
-    return str(path)
+def e2e_config(tmp_path, arch: str, steps: int = 30) -> str:
+    return write_config(tmp_path, "out", steps=steps, arch=arch)
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])
 def test_train_end_to_end(tmp_path, arch):
-    cfg = load_config(write_config(tmp_path, arch))
+    cfg = load_config(e2e_config(tmp_path, arch), E2E)
     trainer = Trainer(cfg, quiet=True)
     result = trainer.run()
 
@@ -109,9 +68,13 @@ def test_train_end_to_end(tmp_path, arch):
     with Image.open(pngs[0]) as image:
         assert image.size == (64, 64)
 
-    # the resolved config sits next to the outputs, and TensorBoard got scalars
+    # the resolved config sits next to the outputs; TensorBoard got scalars and the config as hyperparameters
     assert list((tmp_path / "out").glob("*.resolved.toml"))
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
+    (hparams,) = (tmp_path / "out" / "logs").rglob("hparams.yml")
+    logged = yaml.safe_load(hparams.read_text())
+    assert logged["network.preset"] == "full" and logged["optimizer.text_encoder_lr"] == 1e-3
+    assert logged["data.subsets.0.path"] == str(tmp_path / "data") and logged["train.max_steps"] == 30
 
 
 def test_saved_adapter_changes_the_model(tmp_path):
@@ -120,8 +83,8 @@ def test_saved_adapter_changes_the_model(tmp_path):
     from sdtrain.export.adapter_file import apply_adapter_file, load_adapter
     from sdtrain.models.loading import load_base
 
-    cfg = load_config(write_config(tmp_path, "sd15", steps=12, extra=""),
-                      ["save.dtype=fp32", "sample.every_n_steps=0", "log.tensorboard=false"])
+    cfg = load_config(e2e_config(tmp_path, "sd15", steps=12),
+                      E2E + ["save.dtype=fp32", "sample.every_n_steps=0", "log.tensorboard=false"])
     trainer = Trainer(cfg, quiet=True)
     result = trainer.run()
 
@@ -141,7 +104,7 @@ def test_saved_adapter_changes_the_model(tmp_path):
 
 
 def test_config_error_exits_2(tmp_path, capsys):
-    path = write_config(tmp_path, "sd15")
+    path = e2e_config(tmp_path, "sd15")
     assert main(["train", path, "--set", "network.rnak=4"]) == 2
     err = capsys.readouterr().err
     assert "network.rnak" in err and "network.rank" in err
@@ -154,8 +117,8 @@ def test_dry_run_loads_no_weights(tmp_path, capsys, monkeypatch):
         raise AssertionError("dry run loaded the model")
 
     monkeypatch.setattr(loading, "load_base", fail)
-    path = write_config(tmp_path, "sdxl")
-    assert main(["train", path, "--dry-run"]) == 0
+    path = e2e_config(tmp_path, "sdxl")
+    assert main(["train", path, "--dry-run", *(x for item in E2E for x in ("--set", item))]) == 0
     out = capsys.readouterr().out
     assert "64x64: 4" in out and "30 steps in total" in out
     assert "te2" in out and "trainable params" in out

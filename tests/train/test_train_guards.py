@@ -10,22 +10,20 @@ from safetensors.torch import load_file, save_file
 
 from helpers_training import run, write_config
 from sdtrain.config import load_config
-from sdtrain.train.loop import Trainer, TrainingDiverged
+from sdtrain.train.loop import Trainer, TrainerCallback, TrainingDiverged
 
 
-def test_nan_stops_with_step_group_and_last_save(tmp_path, monkeypatch):
-    config = write_config(tmp_path, "nan", steps=8)
-    original = Trainer.after_step
-
-    def poison(self, per_epoch):
-        original(self, per_epoch)
-        if self.global_step == 3:
+class PoisonAt(TrainerCallback):
+    def on_step_end(self, trainer, step, loss):
+        if step == 3:
             with torch.no_grad():
-                next(iter(self.adapters.parameters("unet"))).fill_(math.nan)
+                next(iter(trainer.adapters.parameters("unet"))).fill_(math.nan)
 
-    monkeypatch.setattr(Trainer, "after_step", poison)
+
+def test_nan_stops_with_step_group_and_last_save(tmp_path):
+    config = write_config(tmp_path, "nan", steps=8)
     with pytest.raises(TrainingDiverged) as error:
-        run(config, ["save.every_n_steps=2"])
+        run(config, ["save.every_n_steps=2"], callbacks=[PoisonAt()])
     message = str(error.value)
     assert "at step 4" in message and "unet" in message and "run-step000002.safetensors" in message
 
