@@ -594,6 +594,7 @@ def publish(args, work: Path, trained: dict, vae_state: dict, pool: dict, argv: 
         metadata = {"sdtrain.model": f"builtin:tiny-{arch}", "sdtrain.licence": LICENCE,
                     "sdtrain.trained_by": "scripts/pretrain_tiny.py"}
         atomic_save_safetensors(tensors, path, metadata=metadata)
+        path.chmod(0o644)  # package data: readable by every user (the atomic writer creates files 0600)
         reloaded = tiny.build_tiny_pipeline(arch, seed=0)
         tiny.apply_pretrained_tensors(reloaded, arch, load_file(str(path)))
         rows = {k: int(v.numel()) for k, v in tensors.items() if k.endswith(tiny.ROWS)}
@@ -608,6 +609,7 @@ def publish(args, work: Path, trained: dict, vae_state: dict, pool: dict, argv: 
         say(f"publish: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
     atomic_write_bytes(tiny.MANIFEST, text.encode())
+    tiny.MANIFEST.chmod(0o644)
     say(f"publish: {tiny.MANIFEST}")
     for arch in trained:
         pipe = tiny.load_pretrained_tiny(arch)  # the published file, checked against the manifest
