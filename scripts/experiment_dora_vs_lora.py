@@ -1,151 +1,270 @@
-"""Train LoRA and DoRA at the same rank, steps, learning rate and seed on the tiny SD1.5, then compare their
-weight-decomposition analyses (ΔM, ΔD per layer and step; the DoRA paper's Figure 2 view).
+"""LoRA vs DoRA on the pretrained tiny SDXL (`builtin:tiny-sdxl`), teaching the demo's new concept (the star):
+equal rank and steps, several learning rates per method (each method compared at its best), several seeds;
+held-out denoising loss on the new concept and on the pretraining world's captions (forgetting), and the DoRA
+paper's weight-decomposition analysis (ΔM, ΔD; Liu et al. 2024, Figure 2) per method.
 
-Runs the real trainer (`sdtrain.train.loop.Trainer`) on the bundled datasets/demo images, saving every
-`--save-every` steps, then `sdtrain.analysis` on each run's saves against the same base:
+    python3 scripts/experiment_dora_vs_lora.py --out output/dora_vs_lora [--seeds 0,1,2] [--lrs 1e-3,3e-3,1e-2]
 
-- lora: plain LoRA, analysed with output-row channels (and input-column channels when an input-axis DoRA runs);
-- dora: DoRA on sdtrain's default output axis; dora-input: DoRA on the input axis (the paper's columns).
+Every run is the demo run (configs/demo.toml, through `sdtrain.config.load_config` and `sdtrain.train.loop.train`)
+with these overrides: network.type / network.decompose_axis of the method, network.rank = alpha = --rank,
+torch AdamW at the run's learning rate with a constant schedule, train.seed, --steps steps, fp32 saves every
+--save-every steps, no samples, no loader verification. Methods:
 
-Writes into --out: <run>/ (the run's saves), analysis-<run>-<axis>/ (dm_dd.csv, dm_dd.json, per-group PNGs),
-lora_vs_dora_<axis>.png (side by side, one row per layer group), summary.json; prints the fit tables.
+- lora: plain LoRA; dora: DoRA on sdtrain's default output axis; dora-input: DoRA on the input axis (the paper's).
 
-    python scripts/experiment_dora_vs_lora.py --out output/dora_vs_lora
+After each run the final adapter is merged into a fresh copy of the base (`sdtrain.export.merge.merge_into_base`)
+and scored with `shapes_dataset.denoising_loss` (fixed noise and timesteps) on
+- new concept: `demo_held_out_scenes(3)`: stars in colours / on backgrounds the demo images do not show;
+- old captions: `old_caption_scenes(32)`: fresh scenes of the pretraining distribution (forgetting).
+The best learning rate of a method is the one with the lowest new-concept loss averaged over seeds. Its runs' saves
+go through `sdtrain.analysis` (ΔM, ΔD per module and save; least-squares slope dΔD/dΔM per layer group, and the
+share of modules whose own slope over the saves is negative); LoRA is analysed along each axis a DoRA run used.
+
+Writes under --out: runs/<method>-lr<lr>-s<seed>/ (saves), results.json (every run and the summaries),
+report.md (the tables), loss_vs_lr.png, dm_dd_<axis>.png (side by side, seed 0 at each method's best lr).
+Finished runs are kept: running the command again only trains what is missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = "builtin:tiny-sd15"
-VARIANTS = {  # run label -> (network.type, network.decompose_axis)
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))
+
+import shapes_dataset as shapes  # noqa: E402
+
+DEMO_CONFIG = REPO / "configs" / "demo.toml"
+METHODS = {  # label -> (network.type, network.decompose_axis)
     "lora": ("lora", "output"),
     "dora": ("dora", "output"),
     "dora-input": ("dora", "input"),
 }
-
-DEMO_CONFIG = REPO / "configs" / "demo.toml"  # the experiment is the demo run with these overrides
+GROUPS = ("unet.attn.q", "unet.attn.k", "unet.attn.v", "unet.attn.out", "unet.ff", "unet.proj")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(REPO / "output" / "dora_vs_lora"), help="output folder")
-    parser.add_argument("--steps", type=int, default=60, help="training steps of each run")
-    parser.add_argument("--save-every", type=int, default=6, help="save the adapter every N steps")
-    parser.add_argument("--rank", type=int, default=4, help="rank (alpha = rank) of both adapters")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of both runs")
-    parser.add_argument("--preset", default="attn-mlp", choices=("attn", "attn-mlp", "full"), help="network.preset")
-    parser.add_argument("--seed", type=int, default=0, help="train.seed of both runs")
-    parser.add_argument("--runs", default="lora,dora,dora-input",
-                        help=f"comma-separated runs among {', '.join(VARIANTS)} (lora is always trained)")
-    parser.add_argument("--data", default=str(REPO / "datasets" / "demo"), help="dataset folder")
-    return parser.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "output" / "dora_vs_lora")
+    p.add_argument("--methods", default="lora,dora,dora-input")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning rates tried for every method")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--threads", type=int, default=1)
+    return p.parse_args(argv)
 
 
-def train_run(label: str, args, out: Path) -> list[Path]:
-    """Train one variant; returns its adapter saves."""
+def run_name(method: str, lr: float, seed: int) -> str:
+    return f"{method}-lr{lr:g}-s{seed}"
+
+
+def train_run(method: str, lr: float, seed: int, args, folder: Path):
     from sdtrain.config import load_config
-    from sdtrain.train.loop import Trainer
+    from sdtrain.train.loop import train
 
-    kind, axis = VARIANTS[label]
-    out.mkdir(parents=True, exist_ok=True)
+    kind, axis = METHODS[method]
     overrides = [
-        f"model.path={BASE}", "data.resolution=64", "data.min_bucket_side=64", "data.max_bucket_side=128",
-        f"data.subsets.0.path={Path(args.data).resolve().as_posix()}", f"data.cache_dir={(out / 'cache').as_posix()}",
         f"network.type={kind}", f"network.decompose_axis={axis}", f"network.rank={args.rank}",
-        f"network.alpha={args.rank}", f"network.preset={args.preset}",
-        "optimizer.type=AdamW", f"optimizer.lr={args.lr}", "scheduler.type=constant", "scheduler.warmup_steps=0",
-        f"train.max_steps={args.steps}", "train.batch_size=2", "train.mixed_precision=no", f"train.seed={args.seed}",
-        "train.min_snr_gamma=0", f"train.output_dir={(out / label).as_posix()}", f"train.output_name={label}",
-        f"save.every_n_steps={args.save_every}", "save.dtype=fp32", "save.targets=[]",
-        "sample.every_n_steps=0", "log.tensorboard=false",
+        f"network.alpha={args.rank}", "optimizer.type=AdamW", f"optimizer.lr={lr}", "scheduler.type=constant",
+        "scheduler.warmup_steps=0", f"train.max_steps={args.steps}", f"train.seed={seed}",
+        f"train.output_dir={folder.as_posix()}", f"train.output_name={method}",
+        f"data.cache_dir={(args.out / 'cache').as_posix()}", f"save.every_n_steps={args.save_every}",
+        "save.dtype=fp32", "save.targets=[]", "sample.every_n_steps=0", "log.tensorboard=false",
     ]
-    start = time.perf_counter()
-    result = Trainer(load_config(DEMO_CONFIG, overrides), quiet=True).run()
-    losses = result.losses
-    tail = sum(losses[-10:]) / max(1, len(losses[-10:]))
-    print(f"trained {label}: {result.steps} steps in {time.perf_counter() - start:.0f} s, "
-          f"{len(result.saved)} saves, mean loss of the last 10 steps {tail:.4f}", flush=True)
-    return list(result.saved)
+    return train(load_config(DEMO_CONFIG, overrides), quiet=True)
 
 
-def fit_table(fits_by_run: dict[str, list]) -> str:
-    """group | slope and r of every run, side by side."""
-    labels = list(fits_by_run)
-    groups = list(dict.fromkeys(f.group for fits in fits_by_run.values() for f in fits))
-    cell = {(label, f.group): f for label, fits in fits_by_run.items() for f in fits}
+def scored(adapter: Path | None, base_path: str) -> dict:
+    """Held-out losses of the base with `adapter` merged in (None: the base itself)."""
+    from sdtrain.export.adapter_file import load_adapter
+    from sdtrain.export.merge import merge_into_base
+    from sdtrain.models.loading import load_base
 
-    def fmt(fit):
-        if fit is None:
-            return "-"
-        slope = "-" if fit.slope != fit.slope else f"{fit.slope:+.2e}"
-        r = "-" if fit.pearson_r != fit.pearson_r else f"{fit.pearson_r:+.2f}"
-        return f"{slope} (r {r})"
+    base = load_base(base_path)
+    if adapter is not None:
+        merge_into_base(load_adapter(adapter), base)
+    parts = (base.arch, base.unet, base.vae, base.text_encoders, base.tokenizers, base.noise_scheduler)
+    return {"new_loss": shapes.denoising_loss(*parts, shapes.demo_held_out_scenes(3)),
+            "old_loss": shapes.denoising_loss(*parts, shapes.old_caption_scenes(32))}
 
-    header = ["group"] + [f"{label}: slope dΔD/dΔM" for label in labels]
-    body = [[group] + [fmt(cell.get((label, group))) for label in labels] for group in groups]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) for row in [header, *body]]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+
+def mean_std(values) -> tuple[float, float]:
+    values = list(values)
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def pm(values, spec: str = ".4f") -> str:
+    mean, std = mean_std(values)
+    return f"{mean:{spec}} ± {std:{spec}}"
+
+
+def module_slopes(rows) -> list[float]:
+    """Least-squares slope dΔD/dΔM of every module over its own saves."""
+    from sdtrain.analysis.table import fit_line
+
+    by_module: dict = {}
+    for r in rows:
+        by_module.setdefault(r.module, []).append(r)
+    slopes = []
+    for points in by_module.values():
+        if len(points) >= 3 and max(p.delta_m for p in points) > 0:
+            slope = fit_line([p.delta_m for p in points], [p.delta_d for p in points])[0]
+            if slope == slope:
+                slopes.append(slope)
+    return slopes
+
+
+def analysis(method: str, axis: str, saves: list[str], base) -> dict:
+    from sdtrain.analysis import analyze_adapters, group_fits
+
+    rows = analyze_adapters(saves, base, axis=axis)
+    fits = {f.group: {"slope": f.slope, "r": f.pearson_r, "points": f.points} for f in group_fits(rows)}
+    slopes = module_slopes(rows)
+    negative = sum(s < 0 for s in slopes) / len(slopes) if slopes else float("nan")
+    return {"fits": fits, "negative_module_share": negative, "rows": rows}
 
 
 def main(argv=None) -> int:
     import torch
 
-    from sdtrain.analysis import analyze_adapters, group_fits, write_report
-    from sdtrain.analysis.plots import plot_comparison, plots_available
+    from sdtrain.config import load_config
     from sdtrain.models.loading import load_base
 
     args = parse_args(argv)
-    runs = ["lora"] + [r for r in dict.fromkeys(args.runs.split(",")) if r and r != "lora"]
-    unknown = [r for r in runs if r not in VARIANTS]
-    if unknown:
-        print(f"unknown run(s) {unknown}; choose among {', '.join(VARIANTS)}", file=sys.stderr)
-        return 2
-    torch.manual_seed(args.seed)
-    out = Path(args.out).resolve()  # config paths are relative to the config file, so pass absolute ones
-    started = time.perf_counter()
-    saves = {label: train_run(label, args, out) for label in runs}
+    torch.set_num_threads(args.threads)
+    args.out = args.out.resolve()
+    methods = [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    lrs = [float(x) for x in args.lrs.split(",")]
+    base_path = load_config(DEMO_CONFIG).model.path
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
+    command = "python3 scripts/experiment_dora_vs_lora.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results.update({"command": command, "base": base_path, "settings": {
+        "methods": methods, "seeds": seeds, "lrs": lrs, "rank": args.rank, "steps": args.steps,
+        "save_every": args.save_every}})
+    if "base" not in results.get("scores", {}):
+        results.setdefault("scores", {})["base"] = scored(None, base_path)
+    started, trained = time.time(), 0
+    todo = [(m, lr, s) for m in methods for lr in lrs for s in seeds]
+    missing = [t for t in todo if run_name(*t) not in results["runs"]]
+    for method, lr, seed in missing:
+        name = run_name(method, lr, seed)
+        t0, c0 = time.time(), time.process_time()
+        result = train_run(method, lr, seed, args, args.out / "runs" / name)
+        entry = {"method": method, "lr": lr, "seed": seed, "adapter": str(result.final_adapter),
+                 "saves": [str(p) for p in result.saved],
+                 "train_loss_last20": sum(result.losses[-20:]) / len(result.losses[-20:]),
+                 **scored(result.final_adapter, base_path),
+                 "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+        results["runs"][name] = entry
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1))
+        trained += 1
+        eta = (time.time() - started) / trained * (len(missing) - trained)
+        print(f"{time.strftime('%H:%M:%S')} [{trained}/{len(missing)}] {name}: new concept {entry['new_loss']:.4f}, "
+              f"old captions {entry['old_loss']:.4f} ({entry['cpu_s']:.0f} s CPU; ETA {eta / 60:.0f} min)", flush=True)
 
-    base = load_base(BASE)
-    axes = list(dict.fromkeys(VARIANTS[r][1] for r in runs if VARIANTS[r][0] == "dora")) or ["output"]
-    summary = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "comparisons": {}}
-    for axis in axes:
-        series = {f"LoRA ({axis} axis)": analyze_adapters(saves["lora"], base, axis=axis)}
-        for label in runs:
-            if VARIANTS[label] == ("dora", axis):
-                series[f"DoRA ({axis} axis)"] = analyze_adapters(saves[label], base)
-        fits, last_fits = {}, {}
-        for name, rows in series.items():
-            folder = out / f"analysis-{name.split()[0].lower()}-{axis}"
-            report = write_report(rows, folder, info={"run": name, "base": BASE, "axis": axis})
-            fits[name] = report.fits
-            last = max(r.step for r in rows)
-            last_fits[name] = group_fits([r for r in rows if r.step == last])
-        print(f"\nchannels along the {axis} axis ({len({r.module for r in rows})} modules x "
-              f"{len({r.step for r in rows})} saves per run); all saves:")
-        print(fit_table(fits))
-        print("last save only (across modules):")
-        print(fit_table(last_fits))
-        comparison = {"fits": {name: [vars(f) for f in fs] for name, fs in fits.items()},
-                      "last_save_fits": {name: [vars(f) for f in fs] for name, fs in last_fits.items()}}
-        if plots_available():
-            png = out / f"lora_vs_dora_{axis}.png"
-            counts = plot_comparison(series, png)
-            comparison["png"] = str(png)
-            comparison["points"] = {f"{label} / {group}": n for (label, group), n in counts.items()}
-            print(f"side-by-side plot: {png}")
-        summary["comparisons"][axis] = comparison
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
-    print(f"\ndone in {time.perf_counter() - started:.0f} s; tables and plots under {out}")
+    report = summarise(results, methods, seeds, lrs, base_path, args)
+    results_path.write_text(json.dumps(results, indent=1))
+    (args.out / "report.md").write_text(report)
+    print(report)
     return 0
+
+
+def summarise(results: dict, methods, seeds, lrs, base_path: str, args) -> str:
+    from sdtrain.models.loading import load_base
+
+    runs = results["runs"]
+    base_scores = results["scores"]["base"]
+    lines = [f"Base {base_path}: new concept {base_scores['new_loss']:.4f}, old captions {base_scores['old_loss']:.4f}",
+             "", "| method | lr | new-concept loss | old-caption loss | final train loss |", "|---|---|---|---|---|"]
+    best = {}
+    for method in methods:
+        per_lr = {}
+        for lr in lrs:
+            entries = [runs[run_name(method, lr, s)] for s in seeds]
+            per_lr[lr] = mean_std(e["new_loss"] for e in entries)[0]
+            lines.append(f"| {method} | {lr:g} | {pm(e['new_loss'] for e in entries)} | "
+                         f"{pm(e['old_loss'] for e in entries)} | {pm(e['train_loss_last20'] for e in entries)} |")
+        best[method] = min(per_lr, key=per_lr.get)
+    lines += ["", "Each method at its best learning rate (lowest mean new-concept loss):", "",
+              "| method | best lr | new-concept loss | old-caption loss (forgetting: minus the base's) |", "|---|---|---|---|"]
+    for method in methods:
+        entries = [runs[run_name(method, best[method], s)] for s in seeds]
+        forget = [e["old_loss"] - base_scores["old_loss"] for e in entries]
+        lines.append(f"| {method} | {best[method]:g} | {pm(e['new_loss'] for e in entries)} | "
+                     f"{pm(e['old_loss'] for e in entries)} ({pm(forget, '+.4f')}) |")
+    results["best_lr"] = best
+    plot_losses(results, methods, seeds, lrs, args.out / "loss_vs_lr.png")
+
+    base = load_base(base_path)
+    axes = list(dict.fromkeys(METHODS[m][1] for m in methods if METHODS[m][0] == "dora"))
+    results["analysis"] = {}
+    for axis in axes:
+        compared = ["lora"] + [m for m in methods if METHODS[m] == ("dora", axis)]
+        lines += ["", f"ΔM/ΔD along the {axis} axis (each method at its best lr; slope dΔD/dΔM of the layer group "
+                      f"over all modules and saves, mean ± std over seeds; last column: share of modules whose own "
+                      f"slope over the saves is negative):", "",
+                  "| method | " + " | ".join(GROUPS) + " | negative modules |", "|---" * (len(GROUPS) + 2) + "|"]
+        series = {}
+        for method in compared:
+            per_seed = []
+            for seed in seeds:
+                entry = runs[run_name(method, best[method], seed)]
+                found = analysis(method, axis, entry["saves"], base)
+                if seed == seeds[0]:
+                    series[f"{method} (lr {best[method]:g})"] = found.pop("rows")
+                else:
+                    found.pop("rows")
+                per_seed.append(found)
+            results["analysis"][f"{method}/{axis}"] = per_seed
+            cells = []
+            for group in GROUPS:
+                slopes = [f["fits"][group]["slope"] for f in per_seed if group in f["fits"]]
+                cells.append(pm(slopes, ".3g") if slopes else "-")
+            share = pm([f["negative_module_share"] for f in per_seed], ".2f")
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {share} |")
+        from sdtrain.analysis.plots import plot_comparison, plots_available
+
+        if plots_available():
+            plot_comparison(series, args.out / f"dm_dd_{axis}.png", groups=["unet.attn.q", "unet.attn.v", "unet.ff"])
+    lines += ["", f"Command: {results['command']}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_losses(results: dict, methods, seeds, lrs, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, base = results["runs"], results["scores"]["base"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in ((axes[0], "new_loss", "new concept (held-out star captions)"),
+                           (axes[1], "old_loss", "old captions (forgetting)")):
+        for method in methods:
+            stats = [mean_std(runs[run_name(method, lr, s)][key] for s in seeds) for lr in lrs]
+            ax.errorbar(lrs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=method)
+        ax.axhline(base[key], color="grey", linestyle="--", label="base")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("held-out denoising loss")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -162,16 +162,6 @@ def test_style_config_shuffles_and_drops_captions(tmp_path):
     assert subset.shuffle_tags is True and subset.caption_dropout == pytest.approx(0.05)
 
 
-def test_demo_config_loads_as_is():
-    cfg = load_config(REPO / "configs" / "demo.toml")
-    assert cfg.model.path == "builtin:tiny-sdxl" and cfg.model.arch == "sdxl"
-    assert cfg.data.subsets[0].path == str(REPO / "datasets" / "demo")
-    assert cfg.data.resolution == [128, 128] and cfg.network.rank == 4
-    assert 30 <= cfg.train.max_steps <= 40 and cfg.train.batch_size == 2
-    assert cfg.sample.every_n_steps == 20 and len(cfg.sample.prompts) == 2 and cfg.sample.steps == 4
-    assert cfg.train.output_dir == str(REPO / "output" / "demo")
-
-
 # ---------------------------------------------------------------- unknown keys
 
 

@@ -39,7 +39,10 @@ from sdtrain.train.timesteps import TIMESTEP_SAMPLINGS
 from sdtrain.train.trackers import TRACKER_PACKAGES
 
 ARCHS = ("auto", "sd15", "sd2", "sdxl")
-BUILTIN_MODELS = {"builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl"}
+BUILTIN_MODELS = {  # name -> arch; the -random names are the same architectures with seed-0 random weights
+    "builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl",
+    "builtin:tiny-sd15-random": "sd15", "builtin:tiny-sdxl-random": "sdxl",
+}
 DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
 EXPORT_TARGETS = tuple(EXPORT_TARGET_TABLE)
 TRACKERS = tuple(TRACKER_PACKAGES)

@@ -1,6 +1,6 @@
 """Load a base model (SD1.x, SD2.x, SDXL) from any supported source into one `BaseModel`.
 
-Sources (`model.path`): `builtin:tiny-sd15` / `builtin:tiny-sdxl`; a diffusers folder (`model_index.json`);
+Sources (`model.path`): `builtin:tiny-sd15` / `builtin:tiny-sdxl` (pretrained) and their `-random` twins; a diffusers folder (`model_index.json`);
 a single-file `.safetensors` (architecture detected from its keys; diffusers' `from_single_file` builds the
 components, with `model.config_dir` giving the configs and tokenizers offline); a hub id `org/name`
 (downloaded when online, taken from the local cache when offline; `model.revision` picks its branch, tag or
@@ -153,12 +153,12 @@ def _parts_from_pipeline(pipe) -> dict:
 
 
 def _load_builtin(name: str) -> tuple[str, dict]:
-    from sdtrain.models.tiny import build_tiny_pipeline
+    from sdtrain.models.tiny import build_builtin
 
     if name not in BUILTINS:
         raise ModelLoadError(f"model.path = {name!r} is not a built-in model; accepted: {', '.join(BUILTINS)}")
     arch = BUILTINS[name]
-    return arch, _parts_from_pipeline(build_tiny_pipeline(arch, seed=0))
+    return arch, _parts_from_pipeline(build_builtin(name, arch))
 
 
 def _load_folder(folder: Path, arch: str, dtype: torch.dtype, variant: str | None = None) -> dict:

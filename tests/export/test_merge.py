@@ -42,15 +42,15 @@ def test_merge_to_diffusers_folder(tmp_path, capsys):
 
     path = adapter(tmp_path, "sd15", "input")
     out = tmp_path / "merged"
-    assert main(["merge", str(path), "--base", "builtin:tiny-sd15", "--out", str(out), "--dtype", "fp32"]) == 0
+    assert main(["merge", str(path), "--base", "builtin:tiny-sd15-random", "--out", str(out), "--dtype", "fp32"]) == 0
     assert "merged" in capsys.readouterr().out
     loaded = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
     want, base = expected_outputs(path, "sd15")
     assert_reproduces(outputs(loaded, "sd15"), want, base)
     # refuses to overwrite unless asked
-    assert main(["merge", str(path), "--base", "builtin:tiny-sd15", "--out", str(out)]) == 2
+    assert main(["merge", str(path), "--base", "builtin:tiny-sd15-random", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["merge", str(path), "--base", "builtin:tiny-sd15", "--out", str(out), "--dtype", "fp32",
+    assert main(["merge", str(path), "--base", "builtin:tiny-sd15-random", "--out", str(out), "--dtype", "fp32",
                  "--strength", "0.5", "--overwrite"]) == 0
     half = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
     want_half, _ = expected_outputs(path, "sd15", strength=0.5)
@@ -62,7 +62,7 @@ def test_merge_to_single_file(tmp_path):
 
     path = adapter(tmp_path, "sdxl", "output")
     out = tmp_path / "merged.safetensors"
-    assert main(["merge", str(path), "--base", "builtin:tiny-sdxl", "--out", str(out), "--dtype", "fp32"]) == 0
+    assert main(["merge", str(path), "--base", "builtin:tiny-sdxl-random", "--out", str(out), "--dtype", "fp32"]) == 0
     config = save_tiny_pipeline("sdxl", tmp_path / "config")
     loaded = StableDiffusionXLPipeline.from_single_file(str(out), config=str(config), local_files_only=True)
     want, base = expected_outputs(path, "sdxl")

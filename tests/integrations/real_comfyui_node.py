@@ -170,9 +170,9 @@ def train_node(results: dict, folder: Path, model, clip) -> None:
 
     images = folder / "images"
     images.mkdir()
-    for name in ("blue_circle", "black_square"):
+    for name in ("star_000", "star_001"):
         for suffix in (".png", ".txt"):
-            shutil.copy(ROOT / "datasets" / "demo" / "2_shapes" / f"{name}{suffix}", images)
+            shutil.copy(ROOT / "datasets" / "demo" / "4_star" / f"{name}{suffix}", images)
     folder_paths.add_model_folder_path("loras", str(folder / "loras"), is_default=True)
     seen, stop_at = [], [2]
 

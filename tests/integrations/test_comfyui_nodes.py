@@ -142,9 +142,9 @@ FAST = "\n".join([
 def test_training_node_streams_progress_stops_and_resumes(comfyui_package, comfy_stand_ins, tmp_path, monkeypatch):
     images = tmp_path / "images"
     images.mkdir()
-    for name in ("blue_circle", "black_square"):
+    for name in ("star_000", "star_001"):
         for suffix in (".png", ".txt"):
-            shutil.copy(REPO / "datasets" / "demo" / "2_shapes" / f"{name}{suffix}", images)
+            shutil.copy(REPO / "datasets" / "demo" / "4_star" / f"{name}{suffix}", images)
     node = comfyui_package.NODE_CLASS_MAPPINGS["SdtrainTrainDoRA"]()
     command = f"{sys.executable} -m sdtrain"
     steps = 24  # enough steps that a fast machine cannot finish the run between the stop press and the signal

@@ -42,13 +42,13 @@ def assert_same_weights(base, pipe):
 
 @pytest.fixture(scope="module")
 def builtins():
-    return {arch: load_base(f"builtin:tiny-{arch}") for arch in ("sd15", "sdxl")}
+    return {arch: load_base(f"builtin:tiny-{arch}-random") for arch in ("sd15", "sdxl")}
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_builtin(arch, files, builtins):
     base = builtins[arch]
-    assert base.arch == arch and base.source == f"builtin:tiny-{arch}"
+    assert base.arch == arch and base.source == f"builtin:tiny-{arch}-random"
     assert len(base.text_encoders) == len(base.tokenizers) == (1 if arch == "sd15" else 2)
     assert isinstance(base.noise_scheduler, DDPMScheduler)
     cfg = base.noise_scheduler.config
@@ -174,7 +174,7 @@ def test_vae_override_folder_and_files(files, builtins, tmp_path):
 
 
 def test_dtype(builtins):
-    base = load_base("builtin:tiny-sd15", dtype=torch.float16)
+    base = load_base("builtin:tiny-sd15-random", dtype=torch.float16)
     assert all(p.dtype == torch.float16 for m in (base.unet, base.vae, *base.text_encoders) for p in m.parameters())
     assert base.fingerprint == builtins["sd15"].fingerprint  # fp16 copy of the same model
 

@@ -107,3 +107,91 @@ def sdxl_seed0_conv_in():
 def test_seed_determines_weights():
     a, b = (build_tiny_pipeline("sdxl", seed=s).unet.conv_in.weight for s in (0, 1))
     assert torch.equal(a, sdxl_seed0_conv_in()) and not torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------- builtin names
+
+from sdtrain.config.schema import BUILTIN_MODELS  # noqa: E402
+from sdtrain.models import tiny  # noqa: E402
+
+
+def test_builtin_names_cover_pretrained_and_random():
+    assert BUILTIN_MODELS == {"builtin:tiny-sd15": "sd15", "builtin:tiny-sdxl": "sdxl",
+                              "builtin:tiny-sd15-random": "sd15", "builtin:tiny-sdxl-random": "sdxl"}
+
+
+def test_random_names_build_the_seed0_random_model(sdxl):
+    random_pipe = tiny.build_builtin("builtin:tiny-sdxl-random", "sdxl")
+    assert tiny.weights_digest(random_pipe, "sdxl") == tiny.weights_digest(sdxl, "sdxl")
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return tiny.read_manifest()
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_published_weights_load_and_match_the_manifest(arch, manifest):
+    entry = manifest["models"][f"builtin:tiny-{arch}"]
+    path = tiny.pretrained_file(arch)
+    assert path.name == entry["file"] and path.stat().st_size == entry["bytes"]
+    assert tiny.file_sha256(path) == entry["sha256"]
+    pipe = tiny.build_builtin(f"builtin:tiny-{arch}", arch)
+    assert tiny.weights_digest(pipe, arch) == entry["weights_sha256"]  # the file, applied on the seed-0 model
+    random_pipe = tiny.build_tiny_pipeline(arch, seed=0)
+    assert not torch.equal(pipe.unet.conv_in.weight, random_pipe.unet.conv_in.weight)
+    # Same architecture and configs as the random model: only the weights differ.
+    assert dict(pipe.unet.config) == dict(random_pipe.unet.config)
+    assert dict(pipe.vae.config) == dict(random_pipe.vae.config)
+
+
+def test_published_files_are_small_with_licence_and_command(manifest):
+    sizes = [tiny.pretrained_file(arch).stat().st_size for arch in ("sd15", "sdxl")]
+    assert sum(sizes) <= 20_000_000
+    assert "Apache-2.0" in manifest["licence"] and manifest["command"].startswith("python3 scripts/pretrain_tiny.py")
+
+
+def test_untrained_token_rows_keep_the_random_initialisation():
+    pipe = tiny.load_pretrained_tiny("sd15")
+    random_pipe = tiny.build_tiny_pipeline("sd15", seed=0)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    start = random_pipe.text_encoder.get_input_embeddings().weight
+    tokenizer = pipe.tokenizer
+    red, star = (tokenizer(word, add_special_tokens=False).input_ids[0] for word in ("red", "star"))
+    assert not torch.equal(table[red], start[red])  # a word of the shapes world: trained
+    assert torch.equal(table[star], start[star])  # the demo's new word: never seen in pretraining
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_weight_file_form_round_trips(arch):
+    """A trained pipeline (here: seed-1 weights with the seed-0 token tables and two changed rows) survives the
+    file form exactly in float32, and only the changed token rows are stored."""
+    pipe, start = tiny.build_tiny_pipeline(arch, seed=1), tiny.build_tiny_pipeline(arch, seed=0)
+    names = ["text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else [])
+    with torch.no_grad():
+        for name in names:
+            table = getattr(pipe, name).get_input_embeddings().weight
+            table.copy_(getattr(start, name).get_input_embeddings().weight)
+            table[[5, 320]] += 1.0
+    tensors = tiny.pretrained_tensors(pipe, arch, dtype=torch.float32)
+    rows = {k: v.tolist() for k, v in tensors.items() if k.endswith(tiny.ROWS)}
+    assert len(rows) == len(names) and all(r == [5, 320] for r in rows.values())
+    fresh = tiny.build_tiny_pipeline(arch, seed=0)
+    tiny.apply_pretrained_tensors(fresh, arch, tensors)
+    assert tiny.weights_digest(fresh, arch) == tiny.weights_digest(pipe, arch)
+
+
+def test_damaged_weight_file_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    from sdtrain.errors import ModelLoadError
+
+    for name in ("tiny-sd15.safetensors", "tiny-models.json"):
+        shutil.copy(tiny.DATA_DIR / name, tmp_path / name)
+    data = bytearray((tmp_path / "tiny-sd15.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "tiny-sd15.safetensors").write_bytes(bytes(data))
+    monkeypatch.setattr(tiny, "DATA_DIR", tmp_path)
+    monkeypatch.setattr(tiny, "MANIFEST", tmp_path / "tiny-models.json")
+    with pytest.raises(ModelLoadError, match="damaged"):
+        tiny.load_pretrained_tiny("sd15")
