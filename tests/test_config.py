@@ -162,6 +162,27 @@ def test_style_config_shuffles_and_drops_captions(tmp_path):
     assert subset.shuffle_tags is True and subset.caption_dropout == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize("name", ["character", "style"])
+def test_job_configs_plan_their_community_settings(tmp_path, capsys, name):
+    """The dry run of each job config on 20 images shows the settings its comments explain: baseline samples
+    before training, min-SNR; for styles also long captions, multires noise, samples per epoch and a held-out
+    validation loss."""
+    from helpers_training import make_dataset
+
+    from sdtrain.train.loop import train
+
+    images = make_dataset(tmp_path / "images", count=20)
+    train(load_config(REPO / "configs" / f"{name}.toml", [f"data.subsets.0.path={images}"]), dry_run=True)
+    out = capsys.readouterr().out
+    assert "before the first step" in out and "min-SNR gamma 5" in out
+    if name == "style":
+        assert "multires 6 levels x discount 0.3" in out and "up to 225 tokens" in out
+        assert "samples: 2 prompts before the first step, every epoch" in out
+        assert "validation: 1 image (held out 0.05 of the training images" in out
+    else:
+        assert "validation:" not in out
+
+
 # ---------------------------------------------------------------- unknown keys
 
 

@@ -220,9 +220,10 @@ def describe_plan(plan: TrainingPlan, cfg) -> str:
         lines.append(f"EMA of the adapter weights: decay {cfg.ema.decay:g}, updated every {cfg.ema.every_n_steps} "
                      f"steps after step {cfg.ema.start_step}" + (", used for samples" if cfg.ema.use_for_samples else "")
                      + f"; saved as {cfg.train.output_name}-ema.safetensors")
+    epochs = cfg.sample.every_n_epochs
     when = [label for label, on in (("before the first step", cfg.sample.at_start),
                                     (f"every {cfg.sample.every_n_steps} steps", cfg.sample.every_n_steps),
-                                    (f"every {cfg.sample.every_n_epochs} epochs", cfg.sample.every_n_epochs)) if on]
+                                    ("every epoch" if epochs == 1 else f"every {epochs} epochs", epochs)) if on]
     if when and cfg.sample.prompts:
         lines.append(f"samples: {len(cfg.sample.prompts)} prompts {', '.join(when)}")
     lines.append("logs: loss_log.csv" + (f"; trackers {', '.join(cfg.log.trackers)} in {cfg.log.log_dir}"

@@ -54,7 +54,8 @@ def validation_split(cfg, dataset):
 def describe_validation(cfg, records) -> str:
     v = cfg.validation
     source = f"held out {v.fraction:g} of the training images" if v.fraction else f"from {v.path}"
-    return (f"validation: {len(records)} images ({source}, seed {v.seed}) x {v.timesteps} fixed timesteps, every "
+    images = f"{len(records)} image{'s' if len(records) != 1 else ''}"
+    return (f"validation: {images} ({source}, seed {v.seed}) x {v.timesteps} fixed timesteps, every "
             f"{v.every_n_steps} steps and after the last; validation_log.csv")
 
 

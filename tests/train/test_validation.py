@@ -39,7 +39,7 @@ def test_plan_shows_the_split_and_a_validation_folder(tmp_path):
     plan = make_plan(cfg)
     assert len(plan.dataset.records) == 3 and len(plan.validation) == 1
     text = describe_plan(plan, cfg)
-    assert "validation: 1 images (held out 0.25 of the training images, seed 3) x 4 fixed timesteps, every 7" in text
+    assert "validation: 1 image (held out 0.25 of the training images, seed 3) x 4 fixed timesteps, every 7" in text
     folder = make_dataset(tmp_path / "held", count=2)
     cfg = load_config(config, [f"validation.path={folder}"])
     plan = make_plan(cfg)
