@@ -22,8 +22,9 @@ layer gets a `LayerDropout` and the fused paths of `sdtrain.adapters.dora` run u
 verification never see dropout: the trainer arms the stream only around a micro-batch's forward and backward.
 
 Randomness: every mask comes from a generator seeded by (train seed, global batch index, the layer's index,
-the kind of mask, and for per-sample masks the sample's slot in the global batch): a pure function of the
-step's place. A resumed run draws the same masks as a straight one, several processes draw what one process
+the kind of mask, and for per-sample masks the row's slot in the global batch): a pure function of the
+step's place. A layer that sees k rows per sample (the text encoders read a long caption as k windows of 75
+tokens, rows sample-major) gives row j of sample i the slot (slot of i) x k + j. A resumed run draws the same masks as a straight one, several processes draw what one process
 draws for the same global batch, and gradient checkpointing's recomputing forward draws the same masks again.
 Per-forward draws (module dropout, DoRA's rank mask) use a CPU generator; element masks use one on the
 activations' device.
@@ -51,6 +52,7 @@ class DropoutStream:
         self.seed = int(seed)
         self.global_batch: int | None = None
         self.slot_offset = 0
+        self.samples = 0  # this process's samples in the armed batch (0: unknown)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     @property
@@ -58,9 +60,10 @@ class DropoutStream:
         return self.global_batch is not None
 
     @contextmanager
-    def batch(self, global_batch: int, slot_offset: int = 0):
-        """Arm the stream for this process's slice of one global batch (its first sample at `slot_offset`)."""
-        self.global_batch, self.slot_offset = int(global_batch), int(slot_offset)
+    def batch(self, global_batch: int, slot_offset: int = 0, samples: int = 0):
+        """Arm the stream for this process's slice of one global batch: `samples` samples (0: unknown), the
+        first at `slot_offset`."""
+        self.global_batch, self.slot_offset, self.samples = int(global_batch), int(slot_offset), int(samples)
         try:
             yield self
         finally:
@@ -94,9 +97,11 @@ class LayerDropout:
         return torch.rand(shape, generator=self.stream.generator(device, self.index, kind, slot), device=device)
 
     def _per_sample(self, n: int, shape, kind, device="cpu") -> torch.Tensor:
-        """[n, *shape] uniforms, sample i from the generator of its slot in the global batch."""
-        offset = self.stream.slot_offset
-        return torch.stack([self._uniform(shape, kind, offset + i, device) for i in range(n)])
+        """[n, *shape] uniforms, row i from the generator of its slot in the global batch (k rows per sample when
+        n = k x the armed sample count: row i is row i % k of sample i // k)."""
+        offset, samples = self.stream.slot_offset, self.stream.samples
+        k = n // samples if samples and n % samples == 0 else 1
+        return torch.stack([self._uniform(shape, kind, (offset + i // k) * k + i % k, device) for i in range(n)])
 
     def forward(self, module, x: torch.Tensor) -> torch.Tensor:
         """The adapted layer's output with dropout (DoRAModule.forward at strength 1, while armed)."""

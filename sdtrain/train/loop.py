@@ -520,7 +520,7 @@ class Trainer:
             with accelerator.accumulate(*self.models):
                 if accelerator.sync_gradients != (a == plan.accumulation - 1):
                     raise RuntimeError(f"accelerate's accumulation is out of step with the plan at step {step + 1}")
-                with self.dropout_armed(batch.global_index, batch.slot_offset):
+                with self.dropout_armed(batch.global_index, batch.slot_offset, len(batch.keys)):
                     loss = self.micro_batch_loss(batch)
                     if loss.requires_grad or not self.cfg.network.module_dropout:  # module dropout can skip all
                         accelerator.backward(loss)  # divided by the accumulation count
@@ -534,11 +534,12 @@ class Trainer:
         self.lr_scheduler.step()
         return total / plan.accumulation
 
-    def dropout_armed(self, global_batch: int, slot_offset: int):
+    def dropout_armed(self, global_batch: int, slot_offset: int, samples: int):
         """Adapter dropout for one micro-batch (forward and the backward that may recompute it), if configured."""
         import contextlib
 
-        return contextlib.nullcontext() if self.dropout is None else self.dropout.batch(global_batch, slot_offset)
+        return (contextlib.nullcontext() if self.dropout is None
+                else self.dropout.batch(global_batch, slot_offset, samples))
 
     def check_diverged(self) -> None:
         """Raise `TrainingDiverged` when training has diverged: the loss of a step since the previous check, or an

@@ -1,7 +1,9 @@
 """One run per output folder: the lock, and the cleanup of what killed runs left in the folder.
 
-A run holds an exclusive `flock` on `<output_dir>/.sdtrain.lock` (the main process, from setup to the end of
-`Trainer.run`) and writes its process id into it. A second run into the same folder exits with code 2
+A run holds an exclusive POSIX record lock (`fcntl.lockf`) on `<output_dir>/.sdtrain.lock` (the main process,
+from setup to the end of `Trainer.run`) and writes its process id into it. The lock belongs to the process, not
+to the descriptor: forked children (the data loader's workers) do not hold it, so a killed run's workers, which
+outlive it for a moment, do not keep the folder locked. A second run into the same folder exits with code 2
 naming the lock file and that process. The lock is released by the operating system when the process
 ends, however it ends, so a killed run never leaves a stale lock. A process that already holds the lock
 (a script that trains twice into one folder) takes it again. Where `fcntl` is missing (Windows), runs are
@@ -43,7 +45,7 @@ def lock_output_dir(folder) -> Path | None:
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
         os.close(fd)
@@ -59,7 +61,7 @@ def unlock_output_dir(folder) -> None:
     """Release the lock `lock_output_dir` took (nothing when this process does not hold it)."""
     fd = _held.pop(Path(os.path.abspath(folder)), None)
     if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def remove_stale_temporaries(folder, skip=()) -> list[Path]:

@@ -187,6 +187,24 @@ def test_masks_are_a_function_of_the_global_batch_and_the_sample_slot():
         assert not torch.allclose(layer(x), both)  # another train.seed, other masks
 
 
+def test_rows_of_a_long_caption_keep_their_masks_on_any_process_slice():
+    """A text encoder reads a 150-token caption as 2 rows (windows) per sample, sample-major: the second sample's
+    rows draw the same masks when a process computes that sample alone (slot 1, 1 sample) as when one process
+    computes both samples."""
+    layer, x = make_layer(decompose=False), inputs(n=4)  # 2 samples x 2 windows
+    stream = DropoutStream(3)
+    with_dropout(layer, stream, p=0.3, p_rank=0.5)
+    with stream.batch(9, samples=2):
+        both = layer(x)
+    with stream.batch(9, slot_offset=1, samples=1):
+        second = layer(x[2:])
+    with stream.batch(9, slot_offset=0, samples=1):
+        first = layer(x[:2])
+    torch.testing.assert_close(second, both[2:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(first, both[:2], rtol=0, atol=1e-6)
+    assert not torch.allclose(both[2:], both[:2])
+
+
 @pytest.mark.parametrize("decompose", [False, True])
 def test_gradient_checkpointing_recomputes_the_same_masks(decompose):
     layer, x = make_layer(decompose=decompose), inputs(n=3)
