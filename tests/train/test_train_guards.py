@@ -56,36 +56,46 @@ def test_init_from_onetrainer_style_input_axis_file(tmp_path):
 
 
 class PoisonAndStopAt(TrainerCallback):
-    """NaN into one unet parameter after step `step` (after that step's saves); with `stop`, Ctrl+C then."""
+    """NaN into one unet parameter (`what` = "weights") or into one floating-point tensor of the optimizer state
+    ("optimizer", the weights stay finite) after step `step` (after that step's saves); with `stop`, Ctrl+C then."""
 
-    def __init__(self, step: int, stop: bool = False):
-        self.step, self.stop = step, stop
+    def __init__(self, step: int, stop: bool = False, what: str = "weights"):
+        self.step, self.stop, self.what = step, stop, what
 
     def on_step_end(self, trainer, step, loss):
         if step == self.step:
             with torch.no_grad():
-                next(iter(trainer.adapters.parameters("unet"))).fill_(math.nan)
+                if self.what == "weights":
+                    next(iter(trainer.adapters.parameters("unet"))).fill_(math.nan)
+                else:
+                    state = next(iter(trainer.optimizer.state.values()))
+                    next(v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()).fill_(math.nan)
             if self.stop:
                 trainer.request_stop("the test")
 
 
+@pytest.mark.parametrize("what", ["weights", "optimizer"])
 @pytest.mark.parametrize("case", ["last-step", "stop"])
-def test_divergence_writes_nothing_and_names_the_last_finite_state(tmp_path, case):
-    """Weights that turn NaN after the last step (no loss is computed after it), or before a stop's save: the
-    run raises TrainingDiverged (exit code 2), writes no adapter and no state, keeps the last finite state
+def test_divergence_writes_nothing_and_names_the_last_finite_state(tmp_path, case, what):
+    """Weights (or only the optimizer state) that turn NaN after the last step (no loss is computed after it:
+    the final adapter is saved first), or before a stop's save (the state is saved first): the run raises
+    TrainingDiverged (exit code 2), writes no adapter and no state, keeps the last finite state
     (save.keep_last_states = 1 would have deleted it) and names it exactly."""
     from sdtrain.train.divergence import non_finite_groups
     from sdtrain.train.state import complete_states, states_root
 
     config = write_config(tmp_path, "diverged", steps=8)
-    callback = PoisonAndStopAt(8) if case == "last-step" else PoisonAndStopAt(7, stop=True)
+    callback = PoisonAndStopAt(8, what=what) if case == "last-step" else PoisonAndStopAt(7, stop=True, what=what)
     with pytest.raises(TrainingDiverged) as error:
         run(config, ["save.keep_last_states=1"], callbacks=[callback])
     assert error.value.exit_code == 2
     root = states_root(tmp_path / "diverged")
     last = root / "step-00000005"
     message = str(error.value)
-    assert "parameter group(s) unet hold NaN/inf" in message
+    if what == "weights":
+        assert "parameter group(s) unet hold NaN/inf" in message
+    else:
+        assert "1 optimizer state tensor(s) hold NaN/inf" in message and "parameter group" not in message
     assert f"the last finite training state is {last}: resume it with --resume {last}" in message
     assert [p.name for p in complete_states(root)[0]] == [last.name]
     assert all(torch.isfinite(t).all() for t in load_file(str(last / "adapters.safetensors")).values())
