@@ -704,7 +704,7 @@ def test_adapter_dropout_reaches_the_layers_in_training_steps_only(tmp_path):
         layer_dropout, module.dropout = module.dropout, None
         reference = module(x)
         module.dropout = layer_dropout
-        with dropped.dropout_armed(0, 0):
+        with dropped.dropout_armed(0, 0, 2):
             inside = module(x)
     assert torch.equal(outside, reference) and not torch.equal(inside, reference)
 
