@@ -449,7 +449,9 @@ def loss_weights(noise_scheduler, t: torch.Tensor, weighting: str) -> torch.Tens
     loss (EDM's weighting, up to the timestep distribution): errors at high noise, where the caption decides
     the picture, count as much as at low noise. (With plain or min-SNR epsilon weighting those errors are
     1/SNR times smaller, and a tiny model learns to denoise long before it learns to read its captions.)"""
-    from sdtrain.train.loss import compute_snr, min_snr_weights
+    from diffusers.training_utils import compute_snr
+
+    from sdtrain.train.loss import min_snr_weights
 
     snr = compute_snr(noise_scheduler, t)
     if weighting == "v":
