@@ -37,3 +37,17 @@ def test_tensorboard_is_optional_and_the_readme_says_why():
     dependencies = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
     assert "tensorboard" not in dependencies
     assert "TensorBoard is optional" in README and "It is not a dependency because" in README
+
+
+def test_ci_shortened_main_command_is_a_valid_config():
+    """The `--set` overrides that shorten the main command in CI give a config that loads (a warm-up longer than
+    the shortened run, say, is refused by the resolver, and CI would fail after the whole test suite)."""
+    import shlex
+
+    from sdtrain.config import load_config
+
+    line = next(line for line in CI.splitlines() if line.strip().startswith("sdtrain train configs/demo.toml"))
+    words = shlex.split(line)
+    overrides = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
+    cfg = load_config(ROOT / "configs" / "demo.toml", overrides)
+    assert cfg.train.max_steps < 20 and cfg.scheduler.warmup_steps < cfg.train.max_steps
