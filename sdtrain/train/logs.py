@@ -53,24 +53,36 @@ class PendingSteps:
         return out, list(norms)
 
 
-class LossLog:
-    """`loss_log.csv`: step, loss, learning rate per optimizer step; a resumed run keeps the rows up to its
-    start step and continues the file, so an interrupted and resumed run leaves the same log as a straight one.
-    Rows are written at each log, save and stop (the loop keeps the values on the device in between)."""
+class ResumedCsv:
+    """A CSV log with one row per step: a resumed run keeps the rows up to its start step and continues the
+    file, so an interrupted and resumed run leaves the same log as a straight one. Only the main process writes
+    (`enabled`)."""
 
-    def __init__(self, path: Path, keep_until: int = 0, enabled: bool = True):
+    def __init__(self, path: Path, header: str, keep_until: int = 0, enabled: bool = True):
         self.path, self.enabled = path, enabled
         if not enabled:
             return
         kept = []
         if keep_until and path.is_file():
             kept = [line for line in path.read_text().splitlines()[1:] if int(line.split(",")[0]) <= keep_until]
-        path.write_text("step,loss,lr\n" + "".join(line + "\n" for line in kept))
+        path.write_text(header + "\n" + "".join(line + "\n" for line in kept))
+
+    def append(self, lines) -> None:
+        lines = list(lines)
+        if self.enabled and lines:
+            with open(self.path, "a") as handle:
+                handle.writelines(line + "\n" for line in lines)
+
+
+class LossLog(ResumedCsv):
+    """`loss_log.csv`: step, loss, learning rate per optimizer step. Rows are written at each log, save and stop
+    (the loop keeps the values on the device in between)."""
+
+    def __init__(self, path: Path, keep_until: int = 0, enabled: bool = True):
+        super().__init__(path, "step,loss,lr", keep_until, enabled)
 
     def write(self, rows: list[StepRow]) -> None:
-        if self.enabled and rows:
-            with open(self.path, "a") as handle:
-                handle.writelines(f"{row.step},{row.loss!r},{row.lr!r}\n" for row in rows)
+        self.append(f"{row.step},{row.loss!r},{row.lr!r}" for row in rows)
 
 
 def tracker_hyperparameters(cfg) -> dict[str, bool | int | float | str]:

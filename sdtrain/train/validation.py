@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from sdtrain.errors import ConfigError
+from sdtrain.train.logs import ResumedCsv
 
 
 def hold_out(dataset, fraction: float, seed: int):
@@ -68,22 +69,14 @@ def validation_generator(seed: int, image: int, timestep_index: int) -> torch.Ge
     return torch.Generator("cpu").manual_seed((seed * 1_000_003 + image) * 101 + timestep_index)
 
 
-class ValidationLog:
-    """`validation_log.csv`: step, validation loss; a resumed run keeps the rows up to its start step."""
+class ValidationLog(ResumedCsv):
+    """`validation_log.csv`: step, validation loss (see `sdtrain.train.logs.ResumedCsv`)."""
 
     def __init__(self, path: Path, keep_until: int = 0, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        kept = []
-        if keep_until and path.is_file():
-            kept = [line for line in path.read_text().splitlines()[1:] if int(line.split(",")[0]) <= keep_until]
-        path.write_text("step,validation_loss\n" + "".join(line + "\n" for line in kept))
+        super().__init__(path, "step,validation_loss", keep_until, enabled)
 
     def write(self, step: int, loss: float) -> None:
-        if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(f"{step},{loss!r}\n")
+        self.append([f"{step},{loss!r}"])
 
 
 @dataclasses.dataclass
