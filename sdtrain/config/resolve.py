@@ -309,11 +309,15 @@ class Resolver:
                 shown = "true" if value is True else value
                 self.fail(f"sample.{key}", f"{shown} asks for samples but sample.prompts is empty; "
                                            'add prompts, e.g. prompts = ["a photo of sks person --w 1024 --h 1024"]')
-        for i, line in enumerate(s.prompts):
+        self._check_prompt_lines("sample.prompts", s.prompts)
+
+    def _check_prompt_lines(self, key: str, lines: list[str]) -> None:
+        """Each prompt line of `key` parses (sample.prompts syntax)."""
+        for i, line in enumerate(lines):
             try:
                 parse_prompt_line(line)
             except ValueError as exc:
-                self.fail(f"sample.prompts.{i}", f'"{line}": {exc}')
+                self.fail(f"{key}.{i}", f'"{line}": {exc}')
 
     def validation(self):
         v, t = self.c.validation, self.c.train
@@ -325,11 +329,7 @@ class Resolver:
         if v.prompts and not (v.fraction or v.path):
             self.fail("validation.prompts", "are rendered at each validation, but validation is off; set "
                                             "validation.fraction (e.g. 0.1) or validation.path")
-        for i, line in enumerate(v.prompts):
-            try:
-                parse_prompt_line(line)
-            except ValueError as exc:
-                self.fail(f"validation.prompts.{i}", f'"{line}": {exc}')
+        self._check_prompt_lines("validation.prompts", v.prompts)
         if v.fraction and v.path is not None:
             self.fail("validation.path", f"validation images come from validation.path or from a held-out "
                                          f"validation.fraction ({v.fraction:g}) of the training images, not both; "

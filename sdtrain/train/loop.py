@@ -536,8 +536,6 @@ class Trainer:
 
     def dropout_armed(self, global_batch: int, slot_offset: int, samples: int):
         """Adapter dropout for one micro-batch (forward and the backward that may recompute it), if configured."""
-        import contextlib
-
         return (contextlib.nullcontext() if self.dropout is None
                 else self.dropout.batch(global_batch, slot_offset, samples))
 

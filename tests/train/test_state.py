@@ -58,17 +58,24 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, straight, stop_at):
     check_epoch_coverage(seen_first.seen, seen_second.seen, seen_straight, seen_first.seen[-1][0])
 
 
+def stop_and_resume_matches_straight(tmp_path, overrides, stop_at: int, extra: str = ""):
+    """A run stopped after step `stop_at` and resumed ends bit-identical to a straight run (adapter and
+    loss_log.csv); returns the straight run."""
+    straight = run(write_config(tmp_path, "straight", extra=extra), overrides)
+    config = write_config(tmp_path, "resumed", extra=extra)
+    run(config, overrides, stop_at=stop_at)
+    second = run(config, overrides, resume="latest")
+    assert_bitwise_equal(adapter_tensors(straight), adapter_tensors(second))
+    assert loss_log(second) == loss_log(straight)
+    return straight
+
+
 def test_accumulation_stop_mid_epoch_and_resume(tmp_path):
     """Accumulation 2: 20 steps of 2 batches straight vs a stop after 22 batches (mid-epoch) and resume; the
     cosine schedule with warm-up resumes at its position."""
     overrides = ["train.gradient_accumulation_steps=2", "train.max_steps=20", "scheduler.type=cosine",
                  "scheduler.warmup_steps=4"]
-    straight = run(write_config(tmp_path, "straight"), overrides)
-    config = write_config(tmp_path, "resumed")
-    run(config, overrides, stop_at=11)
-    second = run(config, overrides, resume="latest")
-    assert_bitwise_equal(adapter_tensors(straight), adapter_tensors(second))
-    assert loss_log(second) == loss_log(straight)
+    stop_and_resume_matches_straight(tmp_path, overrides, stop_at=11)
 
 
 def test_adapter_dropout_and_blocks_stop_and_resume(tmp_path):
@@ -78,12 +85,7 @@ def test_adapter_dropout_and_blocks_stop_and_resume(tmp_path):
     overrides = ["train.max_steps=6", "network.dropout=0.2", "network.rank_dropout=0.3", "network.module_dropout=0.2",
                  "train.gradient_checkpointing=true", "network.blocks.0.pattern=lora_unet_output_blocks_*",
                  "network.blocks.0.rank=2", "network.blocks.0.lr=5e-3"]
-    straight = run(write_config(tmp_path, "straight"), overrides)
-    config = write_config(tmp_path, "resumed")
-    run(config, overrides, stop_at=3)
-    second = run(config, overrides, resume="latest")
-    assert_bitwise_equal(adapter_tensors(straight), adapter_tensors(second))
-    assert loss_log(second) == loss_log(straight)
+    straight = stop_and_resume_matches_straight(tmp_path, overrides, stop_at=3)
     plain = run(write_config(tmp_path, "plain"), overrides[:1] + overrides[4:])
     assert plain.result.losses[1:] != straight.result.losses[1:]
 
@@ -242,9 +244,4 @@ def test_noise_timestep_and_caption_options_stop_and_resume_bitwise(tmp_path):
                  "train.multires_noise_iterations=3", "train.ip_noise_gamma=0.1", "train.timestep_sampling=logit_normal",
                  "train.timestep_shift=2", "train.debiased_estimation_loss=true",
                  "train.scale_v_pred_loss_like_noise_pred=true", "model.max_token_length=150"]
-    straight = run(write_config(tmp_path, "straight", extra=extra), overrides)
-    config = write_config(tmp_path, "resumed", extra=extra)
-    run(config, overrides, stop_at=3)
-    second = run(config, overrides, resume="latest")
-    assert_bitwise_equal(adapter_tensors(straight), adapter_tensors(second))
-    assert loss_log(second) == loss_log(straight)
+    stop_and_resume_matches_straight(tmp_path, overrides, stop_at=3, extra=extra)
