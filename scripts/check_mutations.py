@@ -247,6 +247,13 @@ MUTATIONS = [
              "", (f"{GUARDS}::test_divergence_writes_nothing_and_names_the_last_finite_state",)),
     Mutation("adapter-saved-diverged", "sdtrain/train/loop.py", '        check_before_save(self, f"the adapter {path}")\n',
              "", (f"{GUARDS}::test_divergence_writes_nothing_and_names_the_last_finite_state",)),
+    Mutation("final-adapter-before-state", "sdtrain/train/loop.py",
+             "        state = self.save_state()  # first: a final adapter that cannot be written loses no training\n",
+             "        state = self.result.state\n",
+             (f"{GUARDS}::test_final_save_overflowing_fp16_keeps_the_state_and_resume_writes_the_adapter",)),
+    Mutation("finished-state-without-adapter", "sdtrain/train/loop.py",
+             ' and self.adapter_path(None).is_file():\n', ":\n",
+             (f"{GUARDS}::test_final_save_overflowing_fp16_keeps_the_state_and_resume_writes_the_adapter",)),
 ]
 
 

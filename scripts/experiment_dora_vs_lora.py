@@ -20,9 +20,13 @@ The best learning rate of a method is the one with the lowest new-concept loss a
 go through `sdtrain.analysis` (ΔM, ΔD per module and save; least-squares slope dΔD/dΔM per layer group, and the
 share of modules whose own slope over the saves is negative); LoRA is analysed along each axis a DoRA run used.
 
-Writes under --out: runs/<method>-lr<lr>-s<seed>/ (saves), results.json (every run and the summaries),
-report.md (the tables), loss_vs_lr.png, dm_dd_<axis>.png (side by side, seed 0 at each method's best lr).
-Finished runs are kept: running the command again only trains what is missing.
+Writes under --out: runs/<method>-lr<lr>-s<seed>/ (saves, and score.json when the run is scored), results.json
+(every run and the summaries), report.md (the tables), loss_vs_lr.png, dm_dd_<axis>.png (side by side, seed 0 at
+each method's best lr). Finished runs are kept: running the command again only trains what is missing.
+
+In parallel: `--shard K/N` trains and scores the runs K, K+N, K+2N, … of the grid (in the order methods × lrs ×
+seeds) and stops without the summary; start one process per shard with the same --out, then run the command once
+more without --shard to write the tables and plots.
 """
 
 from __future__ import annotations
@@ -59,11 +63,36 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="train only runs K, K+N, ... of the grid and skip the summary (N processes in parallel)")
     return p.parse_args(argv)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise SystemExit(f"--shard {text}: expected K/N with 0 <= K < N, e.g. --shard 0/2 and --shard 1/2")
+    return index, count
 
 
 def run_name(method: str, lr: float, seed: int) -> str:
     return f"{method}-lr{lr:g}-s{seed}"
+
+
+def score_path(out: Path, name: str) -> Path:
+    return out / "runs" / name / "score.json"
+
+
+def write_json(path: Path, value) -> None:
+    from sdtrain.files import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(value, indent=1).encode())
 
 
 def train_run(method: str, lr: float, seed: int, args, folder: Path):
@@ -141,23 +170,19 @@ def main(argv=None) -> int:
     from sdtrain.models.loading import load_base
 
     args = parse_args(argv)
+    shard, shards = parse_shard(args.shard)
     torch.set_num_threads(args.threads)
     args.out = args.out.resolve()
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")]
     base_path = load_config(DEMO_CONFIG).model.path
-    results_path = args.out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
-    command = "python3 scripts/experiment_dora_vs_lora.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results.update({"command": command, "base": base_path, "settings": {
-        "methods": methods, "seeds": seeds, "lrs": lrs, "rank": args.rank, "steps": args.steps,
-        "save_every": args.save_every}})
-    if "base" not in results.get("scores", {}):
-        results.setdefault("scores", {})["base"] = scored(None, base_path)
+    base_scores_path = args.out / "base_scores.json"
+    if not base_scores_path.is_file():
+        write_json(base_scores_path, scored(None, base_path))
     started, trained = time.time(), 0
     todo = [(m, lr, s) for m in methods for lr in lrs for s in seeds]
-    missing = [t for t in todo if run_name(*t) not in results["runs"]]
+    missing = [t for i, t in enumerate(todo) if i % shards == shard and not score_path(args.out, run_name(*t)).is_file()]
     for method, lr, seed in missing:
         name = run_name(method, lr, seed)
         t0, c0 = time.time(), time.process_time()
@@ -167,16 +192,21 @@ def main(argv=None) -> int:
                  "train_loss_last20": sum(result.losses[-20:]) / len(result.losses[-20:]),
                  **scored(result.final_adapter, base_path),
                  "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
-        results["runs"][name] = entry
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=1))
+        write_json(score_path(args.out, name), entry)
         trained += 1
         eta = (time.time() - started) / trained * (len(missing) - trained)
         print(f"{time.strftime('%H:%M:%S')} [{trained}/{len(missing)}] {name}: new concept {entry['new_loss']:.4f}, "
               f"old captions {entry['old_loss']:.4f} ({entry['cpu_s']:.0f} s CPU; ETA {eta / 60:.0f} min)", flush=True)
-
+    if args.shard is not None:
+        print(f"shard {shard}/{shards} done; once every shard is, run the command without --shard for the summary")
+        return 0
+    command = "python3 scripts/experiment_dora_vs_lora.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = {"command": command, "base": base_path, "settings": {
+        "methods": methods, "seeds": seeds, "lrs": lrs, "rank": args.rank, "steps": args.steps,
+        "save_every": args.save_every}, "scores": {"base": json.loads(base_scores_path.read_text())},
+        "runs": {run_name(*t): json.loads(score_path(args.out, run_name(*t)).read_text()) for t in todo}}
     report = summarise(results, methods, seeds, lrs, base_path, args)
-    results_path.write_text(json.dumps(results, indent=1))
+    write_json(args.out / "results.json", results)
     (args.out / "report.md").write_text(report)
     print(report)
     return 0

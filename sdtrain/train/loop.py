@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from sdtrain.export.file_checks import SaveDtypeOverflow
 from sdtrain.train.accelerator import DistributedSetupError, make_accelerator, weight_dtype_for
 from sdtrain.train.divergence import TrainingDiverged, check_before_save, last_finite
 from sdtrain.train.interrupt import StopRequest, TrainingInterrupted
@@ -115,7 +116,7 @@ class Trainer:
 
         self._claim_output_dir()
         resume = self._check_resume()
-        if resume and resume[1]["global_step"] >= self.plan.total_steps:
+        if resume and resume[1]["global_step"] >= self.plan.total_steps and self.adapter_path(None).is_file():
             self.finished_state = resume
             return
         from sdtrain.train.space import check_output_space
@@ -187,9 +188,12 @@ class Trainer:
         for note in notes:
             self.note(note)
         if info["global_step"] >= self.plan.total_steps:
+            final = self.adapter_path(None)
+            written = (f"its final adapter {final} exists" if final.is_file() else
+                       f"its final adapter {final} is missing (its save failed): writing it from the state")
             self.note(f"nothing to train: the state {folder} is at step {info['global_step']} and training ends at "
-                      f"step {self.plan.total_steps}; raise train.max_steps or train.epochs to train further "
-                      f"(e.g. --set train.max_steps={2 * info['global_step']})")
+                      f"step {self.plan.total_steps}; {written}; raise train.max_steps or train.epochs to train "
+                      f"further (e.g. --set train.max_steps={2 * info['global_step']})")
         return folder, info
 
     def _setup_base(self):
@@ -391,8 +395,8 @@ class Trainer:
             group.update(values)
         if info.get("last_adapter"):
             self.last_save = Path(info["last_adapter"])
-        self.result.state = folder
         step = int(info["global_step"])
+        self.result.state, self.state_step = folder, step
         if self.ema is not None and not self.ema.load_state_tensors(ema_state, step):
             self.note(f"the state {folder} holds no EMA of the adapter weights; the EMA starts again from the "
                       "trained weights at its next update")
@@ -785,8 +789,14 @@ class Trainer:
         if self.global_step < plan.total_steps:
             self.stop_and_save()
         self.check_replicas_agree()
-        final = self.save_adapter(self.global_step, final=True)
-        self.save_state()
+        state = self.save_state()  # first: a final adapter that cannot be written loses no training
+        try:
+            final = self.save_adapter(self.global_step, final=True)
+        except SaveDtypeOverflow as error:
+            raise SaveDtypeOverflow(
+                f"{error}. The training state at step {self.global_step} is saved ({state}): write the final "
+                f"adapter from it with another save.dtype, without training again:\n  {self.resume_command()} "
+                f"--set save.dtype=bf16", error.counts, error.path) from None
         self.result.final_adapter = final
         self.result.steps = self.global_step
         skipped = self.plan.dataset.skipped

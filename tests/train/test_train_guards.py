@@ -78,7 +78,7 @@ class PoisonAndStopAt(TrainerCallback):
 @pytest.mark.parametrize("case", ["last-step", "stop"])
 def test_divergence_writes_nothing_and_names_the_last_finite_state(tmp_path, case, what):
     """Weights (or only the optimizer state) that turn NaN after the last step (no loss is computed after it:
-    the final adapter is saved first), or before a stop's save (the state is saved first): the run raises
+    the final state is saved first), or before a stop's save (the state is saved first): the run raises
     TrainingDiverged (exit code 2), writes no adapter and no state, keeps the last finite state
     (save.keep_last_states = 1 would have deleted it) and names it exactly."""
     from sdtrain.train.divergence import non_finite_groups
@@ -109,6 +109,52 @@ def test_divergence_writes_nothing_and_names_the_last_finite_state(tmp_path, cas
             return [torch.ones(3)]
 
     assert non_finite_groups(Adapters()) == []
+
+
+class OverflowFp16At(TrainerCallback):
+    """Sets one lora_up weight to 1e5 (finite, above fp16's 65504) after step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, loss):
+        if step == self.step:
+            with torch.no_grad():
+                next(p for n, p in trainer.adapters.named_parameters() if "lora_up" in n).view(-1)[0] = 1e5
+
+
+def test_final_save_overflowing_fp16_keeps_the_state_and_resume_writes_the_adapter(tmp_path):
+    """Finite weights above fp16's range at the last step: the final adapter (save.dtype = fp16) is refused, but
+    the training state at the last step is saved first, and the message gives the command that writes the adapter
+    from it with bf16. That command trains no step and writes the state's weights exactly."""
+    from sdtrain.export.adapter_file import SaveDtypeOverflow, load_adapter
+    from sdtrain.train.state import ADAPTERS, complete_states, states_root
+
+    config = write_config(tmp_path, "overflow", steps=6)
+    with pytest.raises(SaveDtypeOverflow) as error:
+        run(config, ["save.dtype=fp16", "save.state_every_n_steps=0"], callbacks=[OverflowFp16At(6)])
+    message = str(error.value)
+    states = complete_states(states_root(tmp_path / "overflow"))[0]
+    assert [p.name for p in states] == ["step-00000006"]
+    assert f"The training state at step 6 is saved ({states[0]})" in message
+    assert "--resume latest --set save.dtype=bf16" in message
+    final = tmp_path / "overflow" / "run.safetensors"
+    assert not final.exists()
+    log = (tmp_path / "overflow" / "loss_log.csv").read_text()
+
+    trainer = run(config, ["save.dtype=bf16", "save.state_every_n_steps=0"], resume="latest")
+    assert trainer.result.final_adapter == final and trainer.result.steps == 6
+    assert (tmp_path / "overflow" / "loss_log.csv").read_text() == log  # nothing trained
+    assert [p.name for p in complete_states(states_root(tmp_path / "overflow"))[0]] == ["step-00000006"]
+    assert any(t.max() == 1e5 for t in load_file(str(states[0] / ADAPTERS)).values())
+    written = load_file(str(final))
+    ups = [t for name, t in written.items() if name.endswith("lora_up.weight")]
+    assert ups and all(t.dtype == torch.bfloat16 for t in ups)
+    assert max(float(t.float().max()) for t in ups) == torch.tensor(1e5).to(torch.bfloat16).item()
+    assert len(load_adapter(final).modules) == len(ups)
+
+    again = run(config, ["save.dtype=bf16", "save.state_every_n_steps=0"], resume="latest")  # now complete
+    assert again.base is None and final.stat().st_mtime_ns == trainer.result.final_adapter.stat().st_mtime_ns
 
 
 def test_runaway_learning_rate_exits_2_from_the_command_line(tmp_path, capsys):
