@@ -30,6 +30,7 @@ WIRING = "tests/train/test_wiring.py"
 STATE = "tests/train/test_state.py"
 SAFETY = "tests/train/test_state_safety.py"
 GUARDS = "tests/train/test_train_guards.py"
+KOHYA = "tests/test_config_kohya.py"
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,12 @@ MUTATIONS = [
              "", (f"{GUARDS}::test_divergence_writes_nothing_and_names_the_last_finite_state",)),
     Mutation("adapter-saved-diverged", "sdtrain/train/loop.py", '        check_before_save(self, f"the adapter {path}")\n',
              "", (f"{GUARDS}::test_divergence_writes_nothing_and_names_the_last_finite_state",)),
+    Mutation("kohya-mask-weighting", "sdtrain/config/load.py",
+             "    kohya.match_kohya_mask_weighting(data, source, notes, origins)\n", "",
+             (f"{KOHYA}::test_kohya_masked_loss_reads_conditioning_masks_and_alpha_masks",)),
+    Mutation("kohya-conditioning-masks", "sdtrain/config/kohya.py",
+             '    "conditioning_data_dir": "mask_path",\n', "",
+             (f"{KOHYA}::test_kohya_masked_run_equals_the_sdtrain_config_it_reads_as",)),
     Mutation("final-adapter-before-state", "sdtrain/train/loop.py",
              "        state = self.save_state()  # first: a final adapter that cannot be written loses no training\n",
              "        state = self.result.state\n",

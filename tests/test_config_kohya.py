@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers_training import SeenBatches, make_dataset
+from helpers_training import SeenBatches, make_dataset, write_half_masks
 from sdtrain.cli import main
 from sdtrain.config import load_config
 from sdtrain.errors import ConfigError
@@ -222,6 +222,83 @@ def test_dataset_config_refuses_what_sdtrain_cannot_do(config, tmp_path):
                                       'image_dir = "images"\n')
     with pytest.raises(ConfigError, match="enable_bucket = false"):
         load_config(config(), dataset_config=dataset)
+
+
+def test_kohya_masked_loss_reads_conditioning_masks_and_alpha_masks(config, tmp_path):
+    """masked_loss = true: conditioning_data_dir (relative to the dataset file, per subset only) is the subset's
+    mask_path and the loss is weighted as kohya's (train.normalize_masked_loss = false); alpha_mask as an option
+    reaches every subset that sets neither its own nor conditioning masks; explicit sdtrain keys win; misuse
+    names the fix."""
+    make_dataset(tmp_path / "images", 2)
+    make_dataset(tmp_path / "other", 2)
+    write_half_masks(tmp_path / "masks", ["img0", "img1"])
+    dataset = write_dataset(tmp_path, """
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "images"
+  conditioning_data_dir = "masks"
+  [[datasets.subsets]]
+  image_dir = "other"
+  alpha_mask = false
+""")
+    notes = []
+    cfg = load_config(config("masked_loss = true\nalpha_mask = true\n"), dataset_config=dataset, notes=notes)
+    masked, other = cfg.data.subsets
+    assert masked.mask_path == str(tmp_path / "masks") and not masked.alpha_mask  # kohya: masks over alpha
+    assert other.mask_path is None and not other.alpha_mask  # the subset's own value wins
+    assert cfg.train.normalize_masked_loss is False
+    assert any("kohya masked_loss = true read as train.normalize_masked_loss = false" in n for n in notes)
+    assert "conditioning_data_dir -> data.subsets.N.mask_path" in " ".join(notes)
+
+    # alpha_mask alone (no masked_loss): kohya still multiplies by the mask, unnormalised
+    notes = []
+    cfg = load_config(config("alpha_mask = true\n"), notes=notes)
+    assert cfg.data.subsets[0].alpha_mask and cfg.train.normalize_masked_loss is False
+    assert any("weighted as kohya does: train.normalize_masked_loss = false" in n for n in notes)
+    cfg = load_config(config(), ["alpha_mask=true"])
+    assert cfg.data.subsets[0].alpha_mask and cfg.train.normalize_masked_loss is False
+    cfg = load_config(config("alpha_mask = true\n"), ["train.normalize_masked_loss=true"])
+    assert cfg.train.normalize_masked_loss is True
+    cfg = load_config(config(), ["data.subsets.0.alpha_mask=true"])  # sdtrain's own key: sdtrain's default
+    assert cfg.train.normalize_masked_loss is True
+
+    with pytest.raises(ConfigError, match="conditioning_data_dir is read .* only with kohya's masked_loss = true"):
+        load_config(config(), dataset_config=dataset)
+    with pytest.raises(ConfigError, match="masked_loss must be true or false"):
+        load_config(config('masked_loss = "yes"\n'), dataset_config=dataset)
+    with pytest.raises(ConfigError, match="sets both masked_loss"):
+        load_config(config("masked_loss = true\n[train]\nnormalize_masked_loss = true\n", base=BASE.replace(
+            "[train]\n", "")), dataset_config=dataset)
+    general = write_dataset(tmp_path, '[general]\nalpha_mask = true\n[[datasets]]\n[[datasets.subsets]]\n'
+                                      'image_dir = "images"\n', name="general.toml")
+    with pytest.raises(ConfigError, match="unknown kohya dataset key 'alpha_mask'"):  # per subset only, as kohya
+        load_config(config(), dataset_config=general)
+
+
+def test_kohya_masked_run_equals_the_sdtrain_config_it_reads_as(config, tmp_path):
+    """A 3-step run from kohya's masked_loss + conditioning_data_dir logs exactly the losses of the sdtrain config
+    it is read as (mask_path, normalize_masked_loss = false), and other losses than sdtrain's default weighting:
+    the masks and the weighting reach the loss."""
+    images = make_dataset(tmp_path / "images", 2)
+    write_half_masks(tmp_path / "masks", ["img0", "img1"])
+    dataset = write_dataset(tmp_path, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "images"\n'
+                                      'conditioning_data_dir = "masks"\n')
+    losses = {}
+    for name, overrides, kohya in (
+            ("kohya", [], True),
+            ("native", [f"data.subsets.0.path={images}", f"data.subsets.0.mask_path={tmp_path / 'masks'}",
+                        "train.normalize_masked_loss=false"], False),
+            ("normalized", [f"data.subsets.0.path={images}", f"data.subsets.0.mask_path={tmp_path / 'masks'}"],
+             False)):
+        cfg = load_config(config("masked_loss = true\n" if kohya else "", name=f"{name}.toml"),
+                          [f"train.output_name={name}", "save.dtype=fp32"] + overrides,
+                          dataset_config=dataset if kohya else None)
+        trainer = Trainer(cfg, quiet=True)
+        result = trainer.run()
+        assert all(r.mask is not None for r in trainer.plan.dataset.records)
+        losses[name] = result.losses
+    assert losses["kohya"] == losses["native"]
+    assert all(a < b for a, b in zip(losses["kohya"], losses["normalized"]))  # mask mean 0.25 < 1
 
 
 def test_enable_bucket_false_trains_one_square_bucket(config, tmp_path):

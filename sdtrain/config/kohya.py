@@ -13,8 +13,15 @@ leaves out take CONFIG's values (so sdtrain's defaults, not kohya's: captions `.
 `image_dir` paths are read from the dataset file's folder. A kohya key sdtrain has no equivalent of is accepted
 only at kohya's default value (a note says it was ignored); any other value is an error naming the key.
 
-Kohya facts from kohya-ss/sd-scripts `library/config_util.py` and `train_util.py` (commit 0253472); the
-network options (`network_dropout`, `network_args`) from `networks/lora.py` (commit 48d368f).
+Loss masks: kohya's `masked_loss = true` reads the masks of a dataset config's `conditioning_data_dir` (one image
+per training image, same name; kohya reads its red channel, sdtrain its grey level: the same for black-and-white
+masks) as `data.subsets.N.mask_path`; `alpha_mask` (an option for every subset, or a subset key) is sdtrain's
+`alpha_mask`. kohya multiplies the loss by the mask and averages over the whole image, so a config that brings masks
+through these names also gets `train.normalize_masked_loss = false` unless it sets that key itself.
+
+Kohya facts from kohya-ss/sd-scripts `library/config_util.py` and `train_util.py` (commit 0253472; the masked
+loss: `apply_masked_loss`, `train_network.py` and `config_util.py` at commit 48d368f); the network options
+(`network_dropout`, `network_args`) from `networks/lora.py` (commit 48d368f).
 """
 
 from __future__ import annotations
@@ -182,7 +189,9 @@ OPTIONS: dict[str, KohyaOption] = {
     "caption_prefix": KohyaOption(SUBSETS + "caption_prefix"),
     "caption_suffix": KohyaOption(SUBSETS + "caption_suffix"),
     "enable_wildcard": KohyaOption(SUBSETS + "wildcards"),
+    "alpha_mask": KohyaOption(SUBSETS + "alpha_mask"),
 }
+MASKED_LOSS = "masked_loss"  # kohya's switch for the masks of conditioning_data_dir: see take_options
 
 # `network_args = ["rank_dropout=0.1", ...]` entries read as sdtrain keys (networks/lora.py create_network).
 NETWORK_ARGS: dict[str, str] = {
@@ -198,6 +207,7 @@ _BLOCK_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alph
 SUGGESTIONS = {name: option.shown_key for name, option in OPTIONS.items()} | NETWORK_ARGS | {
     name: "network.blocks" for name in _BLOCK_ARGS} | {
     "network_module": "network.type",
+    MASKED_LOSS: "train.normalize_masked_loss",
     "enable_bucket": "data.min_bucket_side",
     "image_dir": "data.subsets.N.path",
     "num_repeats": "data.subsets.N.repeats",
@@ -242,6 +252,8 @@ def take_options(data: dict, source: str, notes: list[str], origins: dict[str, s
     `apply_subset_defaults` once the subsets are known. Setting both a kohya name and its sdtrain key fails.
     """
     subset_defaults: dict[str, tuple] = {}
+    if MASKED_LOSS in data:
+        _take_masked_loss(data, data.pop(MASKED_LOSS), source, notes, origins)
     if "network_args" in data:
         _take_network_args(data, data.pop("network_args"), source, notes, origins)
     for name in [n for n in data if n in OPTIONS]:
@@ -260,6 +272,54 @@ def take_options(data: dict, source: str, notes: list[str], origins: dict[str, s
         table[key] = value
         origins[option.key] = where
     return subset_defaults
+
+
+def _take_masked_loss(data: dict, value, source: str, notes: list[str], origins: dict[str, str]) -> None:
+    """kohya's `masked_loss`: true weighs the loss by the masks (of conditioning_data_dir, or alpha masks) and
+    averages over the whole image, i.e. train.normalize_masked_loss = false; false changes nothing here."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: kohya masked_loss must be true or false, got {_show(value)}")
+    if not value:
+        notes.append(f"{source}: kohya masked_loss = false ignored (without it kohya reads no conditioning_data_dir "
+                     "masks; alpha masks still apply)")
+        return
+    table = _section(data, "train", source)
+    if "normalize_masked_loss" in table:
+        raise ConfigError(f"{source} sets both masked_loss (kohya's masked loss, read as "
+                          "train.normalize_masked_loss = false) and train.normalize_masked_loss; keep one of them")
+    table["normalize_masked_loss"] = False
+    origins["train.normalize_masked_loss"] = f"{source} (kohya {MASKED_LOSS})"
+    notes.append(f"{source}: kohya masked_loss = true read as train.normalize_masked_loss = false (loss x mask "
+                 "averaged over the whole image, as kohya); a dataset config's conditioning_data_dir is read as the "
+                 "subset's mask_path")
+
+
+def masked_loss_on(origins: dict[str, str]) -> bool:
+    """Whether kohya's masked_loss = true was read (take_options) into the config these origins describe."""
+    return origins.get("train.normalize_masked_loss", "").endswith(f"(kohya {MASKED_LOSS})")
+
+
+def match_kohya_mask_weighting(data: dict, source: str, notes: list[str], origins: dict[str, str]) -> None:
+    """Masks brought by kohya names (alpha_mask, conditioning_data_dir) are weighted as kohya weighs them:
+    train.normalize_masked_loss = false, unless the config sets that key itself."""
+    subsets = data.get("data", {}).get("subsets") if isinstance(data.get("data"), dict) else None
+    if not isinstance(subsets, list):
+        return
+    kohya_masks = [f"data.subsets.{i}.{key}" for i, subset in enumerate(subsets) if isinstance(subset, dict)
+                   for key in ("alpha_mask", "mask_path")
+                   if subset.get(key) and _from_kohya_name(origins.get(f"data.subsets.{i}.{key}", ""))]
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    if not kohya_masks or "normalize_masked_loss" in train:
+        return
+    _section(data, "train", source)["normalize_masked_loss"] = False
+    origins["train.normalize_masked_loss"] = f"kohya's masked loss ({origins[kohya_masks[0]]})"
+    notes.append(f"{source}: loss masks from kohya names ({', '.join(kohya_masks)}) are weighted as kohya does: "
+                 "train.normalize_masked_loss = false (loss x mask averaged over the whole image); set "
+                 "train.normalize_masked_loss = true to average over each mask instead")
+
+
+def _from_kohya_name(origin: str) -> bool:
+    return "(kohya " in origin or origin.startswith("--set alpha_mask=")
 
 
 def _take_network_args(data: dict, raw, source: str, notes: list[str], origins: dict[str, str]) -> None:
@@ -293,6 +353,8 @@ def apply_subset_defaults(data: dict, defaults: dict[str, tuple], origins: dict[
         if not isinstance(subset, dict):
             continue
         for key, (value, where) in defaults.items():
+            if key == "alpha_mask" and subset.get("mask_path"):
+                continue  # kohya's subsets with conditioning_data_dir masks have no alpha masks
             if key not in subset:
                 subset[key] = value
                 origins[f"data.subsets.{index}.{key}"] = where
@@ -326,7 +388,10 @@ _SUBSET_KEYS = {  # kohya subset key -> sdtrain subset key
     "caption_prefix": "caption_prefix",
     "caption_suffix": "caption_suffix",
     "enable_wildcard": "wildcards",
+    "alpha_mask": "alpha_mask",
+    "conditioning_data_dir": "mask_path",
 }
+_DISTINCT_SUBSET_KEYS = ("image_dir", "is_reg", "alpha_mask", "conditioning_data_dir")  # never from [general]
 _DATASET_KEYS = {  # kohya dataset key -> sdtrain dotted key
     "resolution": "data.resolution",
     "batch_size": "train.batch_size",
@@ -340,12 +405,11 @@ _DATASET_KEYS = {  # kohya dataset key -> sdtrain dotted key
 _KOHYA_DEFAULTS = {
     "color_aug": False, "face_crop_aug_range": None,
     "caption_dropout_every_n_epochs": 0, "token_warmup_min": 1, "token_warmup_step": 0,
-    "secondary_separator": None, "alpha_mask": False, "network_multiplier": 1.0,
+    "secondary_separator": None, "network_multiplier": 1.0,
 }
 _ANY_VALUE = {"cache_info": "sdtrain scans every image itself", "debug_dataset": "sdtrain has --dry-run"}
 _REFUSED = {
     "metadata_file": "fine-tuning datasets (metadata files) are not supported; use image folders with caption files",
-    "conditioning_data_dir": "ControlNet datasets are not supported",
 }
 
 
@@ -369,15 +433,16 @@ def _pick(key: str, tables: list[tuple[dict, str]]):
     return None
 
 
-def read_dataset_config(path, notes: list[str]) -> tuple[dict, dict[str, str]]:
-    """A kohya dataset config as a raw sdtrain fragment {"data": {...}, "train": {...}} and its origins."""
+def read_dataset_config(path, notes: list[str], masked_loss: bool = False) -> tuple[dict, dict[str, str]]:
+    """A kohya dataset config as a raw sdtrain fragment {"data": {...}, "train": {...}} and its origins.
+    `masked_loss`: whether the training config has kohya's masked_loss = true (needed for conditioning_data_dir)."""
     from sdtrain.config.load import display_path, read_toml
 
     source = display_path(path)
     folder = os.path.dirname(os.path.abspath(path))
     raw = read_toml(os.fspath(path))
     subset_allowed, dataset_allowed = set(_SUBSET_KEYS), set(_DATASET_KEYS) | {"enable_bucket"}
-    ascending = subset_allowed - {"image_dir", "is_reg"}  # subset keys a dataset or [general] may set for all
+    ascending = subset_allowed - set(_DISTINCT_SUBSET_KEYS)  # subset keys a dataset or [general] may set for all
     _check_table(raw, source, {"general", "datasets"})
     general = _check_table(raw.get("general", {}), f"{source} [general]", ascending | dataset_allowed)
     datasets = raw.get("datasets")
@@ -418,15 +483,19 @@ def read_dataset_config(path, notes: list[str]) -> tuple[dict, dict[str, str]]:
             _check_table(subset, swhere, subset_allowed)
             if "image_dir" not in subset:
                 raise ConfigError(f"{swhere} has no image_dir; add image_dir = \"path/to/images\"")
+            if "conditioning_data_dir" in subset and not masked_loss:
+                raise ConfigError(f"{swhere}: conditioning_data_dir is read (as loss masks) only with kohya's "
+                                  "masked_loss = true in the training config, as kohya's train_network.py does; "
+                                  "add masked_loss = true to CONFIG, or remove conditioning_data_dir")
             tables = [(subset, swhere), *levels]
             index = len(fragment["data"]["subsets"])
             entry: dict = {}
             for kohya_key, key in _SUBSET_KEYS.items():
-                found = _pick(kohya_key, tables if kohya_key not in ("image_dir", "is_reg") else tables[:1])
+                found = _pick(kohya_key, tables if kohya_key not in _DISTINCT_SUBSET_KEYS else tables[:1])
                 if found is None:
                     continue
                 value, where = found
-                if kohya_key == "image_dir" and isinstance(value, str):
+                if kohya_key in ("image_dir", "conditioning_data_dir") and isinstance(value, str):
                     value = os.path.normpath(os.path.join(folder, os.path.expanduser(value)))
                 entry[key] = value
                 origins[f"data.subsets.{index}.{key}"] = f"{where} (kohya {kohya_key})"
@@ -490,7 +559,7 @@ def _ignored_keys(table: dict, where: str) -> set[str]:
 def merge_dataset_config(data: dict, path, source: str, notes: list[str], origins: dict[str, str]) -> None:
     """Put the subsets and dataset-wide keys of a kohya dataset config into the raw config `data` (in place);
     they replace CONFIG's `[[data.subsets]]` and win over its data/batch keys."""
-    fragment, file_origins = read_dataset_config(path, notes)
+    fragment, file_origins = read_dataset_config(path, notes, masked_loss=masked_loss_on(origins))
     data_table = _section(data, "data", source)
     if data_table.get("subsets"):
         notes.append(f"{source}: its {len(data_table['subsets'])} [[data.subsets]] are replaced by the dataset config's")

@@ -311,6 +311,7 @@ def load_config(path, overrides=(), *, dataset_config=None, notes: list[str] | N
     kohya.apply_subset_defaults(data, subset_defaults, origins)
     for key, text in apply_overrides(data, list(overrides), notes).items():
         origins[key] = f"--set {text}"
+    kohya.match_kohya_mask_weighting(data, source, notes, origins)
     stem = os.path.splitext(os.path.basename(path))[0]
     return config_from_dict(data, os.path.dirname(os.path.abspath(path)), source=source, origins=origins,
                             stem=stem, notes=notes)
