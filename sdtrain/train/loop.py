@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,7 +152,9 @@ class Trainer:
     def _claim_output_dir(self) -> None:
         """Lock the output folder for this run (a second run into it exits 2), then remove the temporaries of
         killed writes and finish interrupted state saves (see `output_lock`, `state.recover_states`)."""
-        from sdtrain.train.output_lock import OutputDirBusy, lock_output_dir, remove_stale_temporaries
+        from sdtrain.train.output_lock import (
+            STALE_SHARED_SECONDS, OutputDirBusy, lock_output_dir, remove_stale_temporaries,
+        )
         from sdtrain.train.state import recover_states, states_root
 
         busy = None
@@ -167,7 +170,11 @@ class Trainer:
         if busy is not None:
             raise busy
         if self.is_main:
-            for path in remove_stale_temporaries(self.output_dir, skip=[self.cfg.data.cache_dir]):
+            cache = self.cfg.data.cache_dir
+            stale = remove_stale_temporaries(self.output_dir, skip=[cache])
+            if cache is not None and os.path.isdir(cache):
+                stale += remove_stale_temporaries(cache, older_than=STALE_SHARED_SECONDS)
+            for path in stale:
                 self.note(f"removed {path}, left by a write that was interrupted")
             for note in recover_states(states_root(self.output_dir)):
                 self.note(note)

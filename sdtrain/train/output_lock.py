@@ -11,7 +11,9 @@ not locked.
 
 Under the lock nothing else writes to the folder, so `remove_stale_temporaries` deletes the temporary files
 of writes that a kill interrupted (`files.atomic_write`'s `.<name>.<random>.tmp`), and
-`sdtrain.train.state.recover_states` finishes or removes interrupted state saves.
+`sdtrain.train.state.recover_states` finishes or removes interrupted state saves. A cache folder
+(`data.cache_dir`) may be shared by runs into other folders, which may be writing into it now: there only
+temporaries older than `STALE_SHARED_SECONDS` are deleted (writing one cache entry takes seconds).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sdtrain.errors import UserError
 
 LOCK_NAME = ".sdtrain.lock"
 _TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{6,}\.tmp")  # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
+STALE_SHARED_SECONDS = 6 * 3600  # age above which a temporary in a shared cache folder is a killed write's
 _held: dict[Path, int] = {}  # folders this process has locked: their lock file descriptors
 
 
@@ -64,17 +67,23 @@ def unlock_output_dir(folder) -> None:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def remove_stale_temporaries(folder, skip=()) -> list[Path]:
+def remove_stale_temporaries(folder, skip=(), older_than: float | None = None) -> list[Path]:
     """Delete the temporary files of interrupted atomic writes in `folder` and below, except in the folders
-    `skip` (a cache other runs may share); call under the lock. Returns them."""
+    `skip` (a cache other runs may share) and, with `older_than`, those modified less than that many seconds
+    ago; call under the lock. Returns them."""
+    import time
+
     removed = []
-    skipped = {os.path.abspath(path) for path in skip}
+    skipped = {os.path.abspath(path) for path in skip if path is not None}
+    now = time.time()
     for parent, folders, names in os.walk(folder):
         folders[:] = [name for name in folders if os.path.abspath(os.path.join(parent, name)) not in skipped]
         for name in names:
             if _TEMPORARY.fullmatch(name):
                 path = Path(parent) / name
                 try:
+                    if older_than is not None and now - path.stat().st_mtime < older_than:
+                        continue
                     path.unlink()
                 except OSError:
                     continue

@@ -217,3 +217,26 @@ def test_recover_states_keeps_the_newest_complete_copy(tmp_path, left):
     assert notes
     assert [p.name for p in root.iterdir()] == ["step-00000004"]
     assert (root / "step-00000004" / "content").read_text() == expected
+
+
+def test_old_temporaries_in_a_shared_cache_folder_are_removed_fresh_ones_kept(tmp_path):
+    """data.cache_dir may be shared with runs into other folders that write into it now: a run removes the
+    temporaries there that are older than STALE_SHARED_SECONDS (a killed write's) and keeps younger ones (a
+    write in progress); in its own output folder it removes every temporary."""
+    from sdtrain.train.output_lock import STALE_SHARED_SECONDS
+
+    config = write_config(tmp_path, "run", steps=2)
+    cache = tmp_path / "cache" / "latents"
+    cache.mkdir(parents=True)
+    old, fresh = cache / ".abc.safetensors.k3j_x9a2.tmp", cache / ".abd.safetensors.q8w_e4r1.tmp"
+    for path in (old, fresh):
+        path.write_bytes(b"half a file")
+    then = time.time() - STALE_SHARED_SECONDS - 60
+    os.utime(old, (then, then))
+    own = tmp_path / "run" / ".run.safetensors.z1x_c2v3.tmp"
+    own.parent.mkdir()
+    own.write_bytes(b"half a file")
+    os.utime(own, None)
+    trainer = run(config)
+    assert trainer.global_step == 2
+    assert not old.exists() and fresh.exists() and not own.exists()
