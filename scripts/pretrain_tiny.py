@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--text-batch", type=int, default=64)
     p.add_argument("--text-lr", type=float, default=1e-3)
     p.add_argument("--text-lr-scale", type=float, default=0.1, help="text encoders' lr / UNet lr in the UNet phase")
-    p.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps per model")
+    p.add_argument("--steps", type=int, default=8000, help="UNet + text encoder steps per model")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
