@@ -19,10 +19,13 @@ and scored with `shapes_dataset.denoising_loss` (fixed noise and timesteps) on
 The best learning rate of a method is the one with the lowest new-concept loss averaged over seeds. Its runs' saves
 go through `sdtrain.analysis` (ΔM, ΔD per module and save; least-squares slope dΔD/dΔM per layer group, and the
 share of modules whose own slope over the saves is negative); LoRA is analysed along each axis a DoRA run used.
+When the methods' best learning rates differ, the analysis is repeated with every method at LoRA's best, so that
+the learning rate does not decide the comparison.
 
 Writes under --out: runs/<method>-lr<lr>-s<seed>/ (saves, and score.json when the run is scored), results.json
 (every run and the summaries), report.md (the tables), loss_vs_lr.png, dm_dd_<axis>.png (side by side, seed 0 at
-each method's best lr). Finished runs are kept: running the command again only trains what is missing.
+each method's best lr; dm_dd_<axis>-lr<lr>.png all at LoRA's best lr when the best lrs differ). Finished runs
+are kept: running the command again only trains what is missing.
 
 In parallel: `--shard K/N` trains and scores the runs K, K+N, K+2N, … of the grid (in the order methods × lrs ×
 seeds) and stops without the summary; start one process per shard with the same --out, then run the command once
@@ -134,7 +137,7 @@ def mean_std(values) -> tuple[float, float]:
 
 def pm(values, spec: str = ".4f") -> str:
     mean, std = mean_std(values)
-    return f"{mean:{spec}} ± {std:{spec}}"
+    return f"{mean:{spec}} ± {std:{spec.replace('+', '')}}"
 
 
 def module_slopes(rows) -> list[float]:
@@ -167,7 +170,6 @@ def main(argv=None) -> int:
     import torch
 
     from sdtrain.config import load_config
-    from sdtrain.models.loading import load_base
 
     args = parse_args(argv)
     shard, shards = parse_shard(args.shard)
@@ -236,41 +238,68 @@ def summarise(results: dict, methods, seeds, lrs, base_path: str, args) -> str:
         lines.append(f"| {method} | {best[method]:g} | {pm(e['new_loss'] for e in entries)} | "
                      f"{pm(e['old_loss'] for e in entries)} ({pm(forget, '+.4f')}) |")
     results["best_lr"] = best
+    if "lora" in methods and len(seeds) > 1:
+        lines += ["", "Paired by seed (a seed draws the same data order and noise for every method): DoRA's loss minus LoRA's at the same "
+                      "lr, mean ± std over seeds, and in how many seeds DoRA's is lower:", "",
+                  "| method | lr | new concept: DoRA − LoRA | lower in | old captions: DoRA − LoRA | lower in |",
+                  "|---|---|---|---|---|---|"]
+        for method in [m for m in methods if m != "lora"]:
+            for lr in lrs:
+                cells = []
+                for key in ("new_loss", "old_loss"):
+                    diff = [runs[run_name(method, lr, s)][key] - runs[run_name("lora", lr, s)][key] for s in seeds]
+                    cells += [pm(diff, "+.4f"), f"{sum(d < 0 for d in diff)} of {len(seeds)}"]
+                lines.append(f"| {method} | {lr:g} | " + " | ".join(cells) + " |")
     plot_losses(results, methods, seeds, lrs, args.out / "loss_vs_lr.png")
 
     base = load_base(base_path)
     axes = list(dict.fromkeys(METHODS[m][1] for m in methods if METHODS[m][0] == "dora"))
     results["analysis"] = {}
-    for axis in axes:
-        compared = ["lora"] + [m for m in methods if METHODS[m] == ("dora", axis)]
-        lines += ["", f"ΔM/ΔD along the {axis} axis (each method at its best lr; slope dΔD/dΔM of the layer group "
-                      f"over all modules and saves, mean ± std over seeds; last column: share of modules whose own "
-                      f"slope over the saves is negative):", "",
-                  "| method | " + " | ".join(GROUPS) + " | negative modules |", "|---" * (len(GROUPS) + 2) + "|"]
-        series = {}
-        for method in compared:
-            per_seed = []
-            for seed in seeds:
-                entry = runs[run_name(method, best[method], seed)]
-                found = analysis(method, axis, entry["saves"], base)
-                if seed == seeds[0]:
-                    series[f"{method} (lr {best[method]:g})"] = found.pop("rows")
-                else:
-                    found.pop("rows")
-                per_seed.append(found)
-            results["analysis"][f"{method}/{axis}"] = per_seed
-            cells = []
-            for group in GROUPS:
-                slopes = [f["fits"][group]["slope"] for f in per_seed if group in f["fits"]]
-                cells.append(pm(slopes, ".3g") if slopes else "-")
-            share = pm([f["negative_module_share"] for f in per_seed], ".2f")
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {share} |")
-        from sdtrain.analysis.plots import plot_comparison, plots_available
-
-        if plots_available():
-            plot_comparison(series, args.out / f"dm_dd_{axis}.png", groups=["unet.attn.q", "unet.attn.v", "unet.ff"])
+    choices = [("at its best lr", best, "")]
+    if "lora" in methods and len(set(best.values())) > 1:  # and all at one lr, so that lr does not decide the slope
+        common = best["lora"]
+        choices.append((f"at LoRA's best lr, {common:g}", {m: common for m in methods}, f"-lr{common:g}"))
+    for label, chosen, suffix in choices:
+        for axis in axes:
+            compared = ["lora"] + [m for m in methods if METHODS[m] == ("dora", axis)]
+            if suffix and all(chosen[m] == best[m] for m in compared):
+                continue  # the same runs as in the best-lr table
+            lines += analysis_table(results, methods, seeds, chosen, axis, label, base,
+                                    args.out / f"dm_dd_{axis}{suffix}.png")
     lines += ["", f"Command: {results['command']}"]
     return "\n".join(lines) + "\n"
+
+
+def analysis_table(results: dict, methods, seeds, chosen: dict, axis: str, label: str, base, plot: Path) -> list:
+    """The ΔM/ΔD table along `axis` for LoRA and the DoRA methods of that axis, each at its lr in `chosen`
+    (results["analysis"] gets the per-seed fits; `plot`: seed 0's points)."""
+    from sdtrain.analysis.plots import plot_comparison, plots_available
+
+    runs = results["runs"]
+    compared = ["lora"] + [m for m in methods if METHODS[m] == ("dora", axis)]
+    lines = ["", f"ΔM/ΔD along the {axis} axis (each method {label}; slope dΔD/dΔM of the layer group over all "
+                 f"modules and saves, mean ± std over seeds; last column: share of modules whose own slope over "
+                 f"the saves is negative):", "",
+             "| method | lr | " + " | ".join(GROUPS) + " | negative modules |", "|---" * (len(GROUPS) + 3) + "|"]
+    series = {}
+    for method in compared:
+        per_seed = []
+        for seed in seeds:
+            found = analysis(method, axis, runs[run_name(method, chosen[method], seed)]["saves"], base)
+            rows = found.pop("rows")
+            if seed == seeds[0]:
+                series[f"{method} (lr {chosen[method]:g})"] = rows
+            per_seed.append(found)
+        results["analysis"][f"{method}/{axis}/lr{chosen[method]:g}"] = per_seed
+        cells = []
+        for group in GROUPS:
+            slopes = [f["fits"][group]["slope"] for f in per_seed if group in f["fits"]]
+            cells.append(pm(slopes, ".3g") if slopes else "-")
+        share = pm([f["negative_module_share"] for f in per_seed], ".2f")
+        lines.append(f"| {method} | {chosen[method]:g} | " + " | ".join(cells) + f" | {share} |")
+    if plots_available():
+        plot_comparison(series, plot, groups=["unet.attn.q", "unet.attn.v", "unet.ff"])
+    return lines
 
 
 def plot_losses(results: dict, methods, seeds, lrs, path: Path) -> None:
