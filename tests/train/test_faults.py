@@ -111,8 +111,9 @@ def small_disk(tmp_path):
 
 
 def test_disk_that_fills_during_the_run(tmp_path, small_disk):
-    """A real full disk at the final adapter save: WriteError (exit 2) naming the file and the free space; the
-    state written before is intact, no temporary file is left."""
+    """A real full disk at the end of the run, where the final state is saved (before the final adapter):
+    WriteError (exit 2) naming the file and the free space; the state written before is intact, no final adapter
+    and no temporary file is left."""
     from sdtrain.files import WriteError
 
     config = write_config(tmp_path, "run", steps=7)
@@ -121,8 +122,10 @@ def test_disk_that_fills_during_the_run(tmp_path, small_disk):
         run(config, [f"train.output_dir={out}"], callbacks=[FillDiskAt(6, left=64 * 1024)])
     message = str(error.value)
     assert error.value.exit_code == 2
-    assert f"cannot write {out / 'run.safetensors'}: no space left on the device" in message
+    assert f"cannot write {out / 'states' / '.incomplete-step-00000007'}/" in message
+    assert "no space left on the device" in message and "the previous training states are kept" in message
     assert "free in" in message and "Free some space there or write to another disk" in message
+    assert not (out / "run.safetensors").exists()
     state = complete_states(states_root(out))[0][-1]
     assert state.name == "step-00000005"
     assert all(torch.isfinite(t).all() for t in __import__("safetensors.torch").torch.load_file(
