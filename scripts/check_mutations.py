@@ -247,7 +247,7 @@ MUTATIONS = [
     Mutation("state-saved-diverged", "sdtrain/train/loop.py", '        check_before_save(self, "the training state")\n',
              "", (f"{GUARDS}::test_divergence_writes_nothing_and_names_the_last_finite_state",)),
     Mutation("adapter-saved-diverged", "sdtrain/train/loop.py", '        check_before_save(self, f"the adapter {path}")\n',
-             "", (f"{GUARDS}::test_divergence_writes_nothing_and_names_the_last_finite_state",)),
+             "", (f"{GUARDS}::test_divergence_of_the_optimizer_alone_stops_a_periodic_adapter_save",)),
     Mutation("kohya-mask-weighting", "sdtrain/config/load.py",
              "    kohya.match_kohya_mask_weighting(data, source, notes, origins)\n", "",
              (f"{KOHYA}::test_kohya_masked_loss_reads_conditioning_masks_and_alpha_masks",)),

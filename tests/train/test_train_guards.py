@@ -111,6 +111,34 @@ def test_divergence_writes_nothing_and_names_the_last_finite_state(tmp_path, cas
     assert non_finite_groups(Adapters()) == []
 
 
+class InfSecondMomentAt(TrainerCallback):
+    """Sets one element of an AdamW second moment to +inf after step `step`: the next update of that element is
+    m / (sqrt(inf) + eps) = 0, so the weights stay finite while the optimizer state does not."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, loss):
+        if step == self.step:
+            state = next(s for s in trainer.optimizer.state.values() if "exp_avg_sq" in s)
+            state["exp_avg_sq"].view(-1)[0] = math.inf
+
+
+def test_divergence_of_the_optimizer_alone_stops_a_periodic_adapter_save(tmp_path):
+    """Finite weights over a non-finite optimizer state at a save where only the adapter is due (step 6 of
+    save.every_n_steps = 2; states every 5): the adapter's own check stops the run with TrainingDiverged naming
+    the optimizer state and the last finite state; no step-6 adapter is written."""
+    config = write_config(tmp_path, "periodic", steps=8)
+    with pytest.raises(TrainingDiverged) as error:
+        run(config, ["save.every_n_steps=2", "optimizer.type=AdamW"], callbacks=[InfSecondMomentAt(5)])
+    message = str(error.value)
+    out = tmp_path / "periodic"
+    assert "1 optimizer state tensor(s) hold NaN/inf" in message and "parameter group" not in message
+    assert f"the adapter {out / 'run-step000006.safetensors'} was not written" in message
+    assert f"the last finite training state is {out / 'states' / 'step-00000005'}" in message
+    assert not (out / "run-step000006.safetensors").exists() and (out / "run-step000004.safetensors").is_file()
+
+
 class OverflowFp16At(TrainerCallback):
     """Sets one lora_up weight to 1e5 (finite, above fp16's 65504) after step `step`."""
 
