@@ -789,6 +789,9 @@ class Trainer:
             bar.close()
             self.say(self.abandoned_message())
             raise
+        except SaveDtypeOverflow as error:  # an adapter save during the run
+            bar.close()
+            raise self.overflow_with_state(error) from None
         finally:
             if self.batch_stream is not None:
                 self.batch_stream.close()  # the loader's worker processes
@@ -796,14 +799,11 @@ class Trainer:
         if self.global_step < plan.total_steps:
             self.stop_and_save()
         self.check_replicas_agree()
-        state = self.save_state()  # first: a final adapter that cannot be written loses no training
+        self.save_state()  # first: a final adapter that cannot be written loses no training
         try:
             final = self.save_adapter(self.global_step, final=True)
         except SaveDtypeOverflow as error:
-            raise SaveDtypeOverflow(
-                f"{error}. The training state at step {self.global_step} is saved ({state}): write the final "
-                f"adapter from it with another save.dtype, without training again:\n  {self.resume_command()} "
-                f"--set save.dtype=bf16", error.counts, error.path) from None
+            raise self.overflow_with_state(error) from None
         self.result.final_adapter = final
         self.result.steps = self.global_step
         skipped = self.plan.dataset.skipped
@@ -819,6 +819,21 @@ class Trainer:
         if cfg.log.trackers:
             accelerator.end_training()
         return self.result
+
+    def overflow_with_state(self, error: SaveDtypeOverflow) -> SaveDtypeOverflow:
+        """`error` (an adapter that overflows save.dtype) with a training state at the current step, so that the
+        run continues, or writes its final adapter, with another save.dtype instead of starting again. The state is
+        the one saved at this step already, or saved now by a single process (with several, only the main process
+        saw the error: the others cannot join a state save)."""
+        if self.state_step != self.global_step and self.plan.processes == 1:
+            self.save_state()
+        if self.state_step != self.global_step:
+            return error
+        what = ("write the final adapter from it, without training again" if self.global_step >= self.plan.total_steps
+                else "continue from it")
+        return SaveDtypeOverflow(
+            f"{error}. The training state at step {self.global_step} is saved ({self.result.state}): {what}, with "
+            f"another save.dtype:\n  {self.resume_command()} --set save.dtype=bf16", error.counts, error.path)
 
     def after_step(self) -> None:
         """Saves, samples and states due after the step just taken (the end of the run saves its own)."""

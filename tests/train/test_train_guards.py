@@ -185,6 +185,30 @@ def test_final_save_overflowing_fp16_keeps_the_state_and_resume_writes_the_adapt
     assert again.base is None and final.stat().st_mtime_ns == trainer.result.final_adapter.stat().st_mtime_ns
 
 
+def test_periodic_save_overflowing_fp16_saves_a_state_to_continue_from(tmp_path):
+    """An adapter save during the run (save.every_n_steps) refused for fp16 overflow: no state was due there
+    (states only at the end), yet the run saves one at that step before it stops, and the message gives the
+    command that continues with bf16; continuing trains the remaining steps exactly once."""
+    from sdtrain.export.adapter_file import SaveDtypeOverflow
+    from sdtrain.train.state import complete_states, states_root
+
+    config = write_config(tmp_path, "midway", steps=6)
+    overrides = ["save.dtype=fp16", "save.state_every_n_steps=0", "save.every_n_steps=4"]
+    with pytest.raises(SaveDtypeOverflow) as error:
+        run(config, overrides, callbacks=[OverflowFp16At(3)])
+    message = str(error.value)
+    states = complete_states(states_root(tmp_path / "midway"))[0]
+    assert [p.name for p in states] == ["step-00000004"]
+    assert f"The training state at step 4 is saved ({states[0]}): continue from it" in message
+    assert "--resume latest --set save.dtype=bf16" in message
+    assert not list((tmp_path / "midway").glob("run*.safetensors"))
+
+    trainer = run(config, overrides[1:] + ["save.dtype=bf16"], resume="latest")
+    assert trainer.result.steps == 6 and (tmp_path / "midway" / "run.safetensors").is_file()
+    steps = [line.split(",")[0] for line in (tmp_path / "midway" / "loss_log.csv").read_text().splitlines()[1:]]
+    assert steps == [str(i) for i in range(1, 7)]
+
+
 def test_runaway_learning_rate_exits_2_from_the_command_line(tmp_path, capsys):
     """optimizer.lr = 1e30 diverges in the first steps: exit code 2, sdtrain's message, no traceback, no
     adapter written."""
